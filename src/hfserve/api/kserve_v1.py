@@ -1,0 +1,75 @@
+"""KServe v1 protocol: ``/v1/models`` and ``:predict``.
+
+Errors use the KServe shape ``{"error": "<message>"}``, the same renderer as v2.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict
+
+from .. import errors
+from ..predict import predict
+from ..service import ModelService
+from .kserve_v2 import render_error
+from .routing import ContractRoute, json_schema_body, read_json, request_id, until_disconnect
+
+__all__ = ["router", "render_error"]
+
+router = APIRouter(prefix="/v1", route_class=ContractRoute, tags=["v1"])
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    instances: list[Any] | None = None
+    inputs: list[Any] | None = None  # accepted as a synonym, as KServe does
+    parameters: dict[str, Any] | None = None
+
+
+def _service(request: Request) -> ModelService:
+    return request.app.state.service
+
+
+def _texts(body: PredictRequest) -> tuple[list[str], str]:
+    if body.instances is not None and body.inputs is not None:
+        raise errors.InvalidRequest("give either instances or inputs, not both", param="inputs")
+    key = "instances" if body.instances is not None else "inputs"
+    items = body.instances if body.instances is not None else body.inputs
+    if items is None:
+        raise errors.InvalidRequest("Missing required parameter: instances (a list of input texts)", param="instances")
+    texts = []
+    for i, item in enumerate(items):
+        if isinstance(item, dict) and set(item) == {"text"}:
+            item = item["text"]
+        if not isinstance(item, str):
+            raise errors.InvalidRequest(
+                f"{key}.{i} must be a string (the input text), got {errors.echo(item)}", param=f"{key}.{i}"
+            )
+        texts.append(item)
+    return texts, key
+
+
+@router.get("/models")
+async def list_models(request: Request) -> dict[str, list[str]]:
+    return {"models": [_service(request).name]}
+
+
+@router.get("/models/{name}")
+async def model_status(request: Request, name: str) -> dict[str, Any]:
+    service = _service(request)
+    service.check_name(name)
+    service.check_ready()
+    return {"name": name, "ready": True}
+
+
+@router.post("/models/{name}:predict", openapi_extra=json_schema_body(PredictRequest))
+async def predict_route(request: Request, name: str) -> dict[str, Any]:
+    service = _service(request)
+    body = await read_json(request, PredictRequest)
+    service.check_name(name)
+    service.check_ready()
+    texts, key = _texts(body)
+    result = await until_disconnect(request, predict(service, texts, body.parameters, request_id(request), param=key))
+    return {"predictions": result.predictions}

@@ -1,0 +1,542 @@
+"""The OpenAI-compatible API family: completions, chat, embeddings, models.
+
+Request models are hfserve's own (with the ranges the OpenAI API documents);
+responses are built from the ``openai`` package's types so that the ``openai``
+SDK reads them unchanged. Errors are rendered as the OpenAI error object.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from openai.types import Completion, CompletionChoice, CompletionUsage
+from openai.types import Model as OpenAIModel
+from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessage, ChatCompletionTokenLogprob
+from openai.types.chat.chat_completion import Choice as ChatChoice
+from openai.types.chat.chat_completion import ChoiceLogprobs
+from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice
+from openai.types.chat.chat_completion_chunk import ChoiceDelta
+from openai.types.chat.chat_completion_chunk import ChoiceLogprobs as ChunkLogprobs
+from openai.types.chat.chat_completion_token_logprob import TopLogprob
+from openai.types.completion_choice import Logprobs
+from pydantic import BaseModel, ConfigDict, Field
+
+from .. import errors
+from ..backends.base import SequenceDelta, TokenLogprob
+from ..chat import ChatMessage
+from ..sampling import SamplingOptions, build_params
+from ..service import Choice, Generation, ModelService, merge
+from ..tasks import Task
+from .routing import ContractRoute, json_schema_body, read_json, request_id, sse, sse_response, until_disconnect
+
+router = APIRouter(route_class=ContractRoute, tags=["openai"])
+
+GENERATIVE = (Task.text_generation, Task.text2text_generation)
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+
+
+# --------------------------------------------------------------------- errors
+def render_error(err: errors.HFServeError) -> Response:
+    body = {
+        "error": {
+            "message": err.message,
+            "type": err.error_class.openai_type,
+            "param": err.param,
+            "code": err.code,
+        }
+    }
+    return JSONResponse(body, status_code=err.http_status)
+
+
+def error_event(err: errors.HFServeError) -> str:
+    import json
+
+    return sse(
+        json.dumps(
+            {"error": {"message": err.message, "type": err.error_class.openai_type, "param": err.param, "code": err.code}}
+        )
+    )
+
+
+DONE = sse("[DONE]")
+
+
+# ------------------------------------------------------------------- requests
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class CompletionRequest(SamplingOptions):
+    model: str
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool = False
+    logprobs: Annotated[int, Field(ge=0)] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    best_of: Annotated[int, Field(ge=1)] | None = None
+    suffix: str | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text", "json_object", "json_schema"]
+
+
+class ChatCompletionRequest(SamplingOptions):
+    model: str
+    messages: list[ChatMessage]
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[int, Field(ge=1)] | None = None
+    user: str | None = None
+
+
+# ------------------------------------------------------------------- helpers
+def _service(request: Request) -> ModelService:
+    return request.app.state.service
+
+
+def _check_model(service: ModelService, name: str) -> None:
+    service.check_name(name, param="model")
+
+
+def _prompts(service: ModelService, prompt: str | list[str] | list[int] | list[list[int]]) -> list[tuple[list[int], str]]:
+    """Each prompt as (token ids, text)."""
+    if isinstance(prompt, str):
+        return [(service.tokenize(prompt), prompt)]
+    if not prompt:
+        raise errors.InvalidRequest("prompt must not be empty", param="prompt")
+    if all(isinstance(p, str) for p in prompt):
+        return [(service.tokenize(p), p) for p in prompt]  # type: ignore[arg-type]
+    if all(isinstance(p, int) for p in prompt):
+        ids = service.check_token_ids(list(prompt), "prompt")  # type: ignore[arg-type]
+        return [(ids, service.tokenizer.decode(ids))]
+    out = []
+    for i, ids in enumerate(prompt):
+        if not ids:
+            raise errors.InvalidRequest("a token-id prompt must not be empty", param=f"prompt.{i}")
+        ids = service.check_token_ids(list(ids), f"prompt.{i}")  # type: ignore[arg-type]
+        out.append((ids, service.tokenizer.decode(ids)))
+    return out
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> CompletionUsage:
+    return CompletionUsage(
+        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
+    )
+
+
+def _count_tokens(request: Request, prompt_tokens: int, completion_tokens: int) -> None:
+    metrics = request.app.state.metrics
+    metrics.prompt_tokens.inc(prompt_tokens)
+    metrics.generation_tokens.inc(completion_tokens)
+
+
+class _CompletionLogprobs:
+    """Builds the legacy completions ``logprobs`` object incrementally."""
+
+    def __init__(self, k: int, offset: int = 0):
+        self.k = k
+        self.offset = offset
+
+    def build(self, entries: list[TokenLogprob | None]) -> Logprobs:
+        tokens, token_logprobs, top, offsets = [], [], [], []
+        for e in entries:
+            if e is None:  # the first prompt token has no log-probability
+                continue
+            tokens.append(e.token)
+            token_logprobs.append(e.logprob)
+            tops = {tok: lp for _, tok, lp in e.top[: self.k]}
+            tops.setdefault(e.token, e.logprob)
+            top.append(tops)
+            offsets.append(self.offset)
+            self.offset += len(e.token)
+        return Logprobs(tokens=tokens, token_logprobs=token_logprobs, top_logprobs=top, text_offset=offsets)
+
+
+def _prompt_entries(service: ModelService, ids: list[int], plps: list[TokenLogprob | None] | None) -> list[TokenLogprob | None]:
+    if plps is None:
+        return []
+    first = TokenLogprob(ids[0], service.decode_token(ids[0]), float("nan")) if ids else None
+    return [first, *plps[1:]] if first is not None else list(plps)
+
+
+# -------------------------------------------------------------- completions
+@router.post("/completions", openapi_extra=json_schema_body(CompletionRequest), response_model=None)
+async def create_completion(request: Request) -> Response:
+    service = _service(request)
+    body = await read_json(request, CompletionRequest)
+    _check_model(service, body.model)
+    service.require("the completions route", *GENERATIVE)
+    if body.suffix:
+        raise errors.UnsupportedParameter("suffix is not supported by this server; remove it", param="suffix")
+    if body.best_of is not None and body.best_of != body.n:
+        raise errors.UnsupportedParameter(
+            f"best_of ({body.best_of}) different from n ({body.n}) is not supported; remove best_of", param="best_of"
+        )
+    if body.stream_options is not None and not body.stream:
+        raise errors.InvalidRequest("stream_options is only allowed when stream is true", param="stream_options")
+    prompts = _prompts(service, body.prompt)
+    want_prompt_lp = body.logprobs if (body.echo and body.logprobs is not None) else None
+    params = [
+        build_params(
+            body,
+            prompt_tokens=len(ids),
+            max_model_len=service.backend.max_model_len,
+            capabilities=service.backend.capabilities,
+            default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS,
+            logprobs=body.logprobs,
+            prompt_logprobs=want_prompt_lp,
+        )
+        for ids, _ in prompts
+    ]
+    rid = request_id(request)
+    cid = f"cmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    n = body.n
+
+    if body.stream:
+        return await _stream_completion(request, service, body, prompts, params, cid, created)
+
+    async def run() -> list[Generation]:
+        import asyncio
+
+        return list(
+            await asyncio.gather(*(service.generate_full(ids, p, rid) for (ids, _), p in zip(prompts, params)))
+        )
+
+    results = await until_disconnect(request, run())
+    choices = []
+    prompt_total = completion_total = 0
+    for p_index, ((ids, text), gen) in enumerate(zip(prompts, results)):
+        prompt_total += gen.prompt_tokens
+        completion_total += gen.completion_tokens
+        for c in gen.choices:
+            out_text = (text + c.text) if body.echo else c.text
+            lp = None
+            if body.logprobs is not None:
+                builder = _CompletionLogprobs(body.logprobs)
+                entries = _prompt_entries(service, ids, gen.prompt_logprobs) if body.echo else []
+                lp = builder.build(entries + (c.logprobs or []))
+            choices.append(
+                CompletionChoice(
+                    index=p_index * n + c.index,
+                    text=out_text,
+                    logprobs=lp,
+                    finish_reason=c.finish_reason or "length",
+                    stop_reason=c.stop_reason,  # type: ignore[call-arg]  # vLLM-compatible extension
+                )
+            )
+    _count_tokens(request, prompt_total, completion_total)
+    completion = Completion(
+        id=cid,
+        object="text_completion",
+        created=created,
+        model=service.name,
+        choices=choices,
+        usage=_usage(prompt_total, completion_total),
+    )
+    return Response(completion.model_dump_json(), media_type="application/json")
+
+
+async def _stream_completion(
+    request: Request,
+    service: ModelService,
+    body: CompletionRequest,
+    prompts: list[tuple[list[int], str]],
+    params: list[Any],
+    cid: str,
+    created: int,
+) -> Response:
+    rid = request_id(request)
+    n = body.n
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    streams = [service.generate(ids, p, rid) for (ids, _), p in zip(prompts, params)]
+
+    async def events() -> AsyncIterator[str]:
+        builders: dict[int, _CompletionLogprobs] = {}
+        started: set[int] = set()
+        completion_tokens = 0
+        async for p_index, deltas in merge(streams):
+            ids, text = prompts[p_index]
+            for d in deltas:
+                index = p_index * n + d.index
+                completion_tokens += len(d.token_ids)
+                out_text = d.text
+                entries: list[TokenLogprob | None] = []
+                if index not in started:
+                    started.add(index)
+                    if body.echo:
+                        out_text = text + out_text
+                        entries = _prompt_entries(service, ids, d.prompt_logprobs)
+                lp = None
+                if body.logprobs is not None:
+                    builder = builders.setdefault(index, _CompletionLogprobs(body.logprobs))
+                    lp = builder.build(entries + (d.logprobs or []))
+                chunk = Completion(
+                    id=cid,
+                    object="text_completion",
+                    created=created,
+                    model=service.name,
+                    choices=[
+                        CompletionChoice(
+                            index=index,
+                            text=out_text,
+                            logprobs=lp,
+                            finish_reason=d.finish_reason,  # type: ignore[arg-type]
+                            stop_reason=d.stop_reason,  # type: ignore[call-arg]
+                        )
+                    ],
+                )
+                yield sse(chunk.model_dump_json())
+        prompt_tokens = sum(len(ids) for ids, _ in prompts)
+        _count_tokens(request, prompt_tokens, completion_tokens)
+        if include_usage:
+            chunk = Completion(
+                id=cid,
+                object="text_completion",
+                created=created,
+                model=service.name,
+                choices=[],
+                usage=_usage(prompt_tokens, completion_tokens),
+            )
+            yield sse(chunk.model_dump_json())
+
+    return await sse_response(request, events(), error_event, DONE)
+
+
+# --------------------------------------------------------------------- chat
+def _chat_logprobs(entries: list[TokenLogprob] | None, k: int) -> list[ChatCompletionTokenLogprob]:
+    out = []
+    for e in entries or []:
+        out.append(
+            ChatCompletionTokenLogprob(
+                token=e.token,
+                logprob=e.logprob,
+                bytes=list(e.token.encode("utf-8")),
+                top_logprobs=[
+                    TopLogprob(token=tok, logprob=lp, bytes=list(tok.encode("utf-8"))) for _, tok, lp in e.top[:k]
+                ],
+            )
+        )
+    return out
+
+
+def _check_chat_options(body: ChatCompletionRequest) -> None:
+    if body.tools or body.functions:
+        param = "tools" if body.tools else "functions"
+        raise errors.UnsupportedParameter(f"{param} (tool calling) is not supported by this server", param=param)
+    for name in ("tool_choice", "function_call"):
+        value = getattr(body, name)
+        if value not in (None, "none", "auto"):
+            raise errors.UnsupportedParameter(f"{name} is not supported by this server", param=name)
+    if body.response_format is not None and body.response_format.type != "text":
+        raise errors.UnsupportedParameter(
+            f"response_format {body.response_format.type!r} is not supported; only 'text' is", param="response_format.type"
+        )
+    if body.top_logprobs is not None and not body.logprobs:
+        raise errors.InvalidRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
+    if body.stream_options is not None and not body.stream:
+        raise errors.InvalidRequest("stream_options is only allowed when stream is true", param="stream_options")
+
+
+@router.post("/chat/completions", openapi_extra=json_schema_body(ChatCompletionRequest), response_model=None)
+async def create_chat_completion(request: Request) -> Response:
+    service = _service(request)
+    body = await read_json(request, ChatCompletionRequest)
+    _check_model(service, body.model)
+    service.require("the chat completions route", *GENERATIVE)
+    _check_chat_options(body)
+    prompt_ids = service.render_chat(
+        body.messages,
+        chat_template=body.chat_template,
+        add_generation_prompt=body.add_generation_prompt,
+        continue_final_message=body.continue_final_message,
+        template_kwargs=body.chat_template_kwargs,
+    )
+    k = body.top_logprobs or 0
+    max_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+    params = build_params(
+        body,
+        prompt_tokens=len(prompt_ids),
+        max_model_len=service.backend.max_model_len,
+        capabilities=service.backend.capabilities,
+        default_max_tokens=None,
+        logprobs=k if body.logprobs else None,
+        logprobs_param="top_logprobs",
+        max_tokens_param=max_param,
+        max_tokens=body.max_completion_tokens,
+    )
+    rid = request_id(request)
+    cid = f"chatcmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    if body.stream:
+        return await _stream_chat(request, service, body, prompt_ids, params, cid, created, k)
+
+    gen = await until_disconnect(request, service.generate_full(prompt_ids, params, rid))
+    _count_tokens(request, gen.prompt_tokens, gen.completion_tokens)
+    choices = [
+        ChatChoice(
+            index=c.index,
+            message=ChatCompletionMessage(role="assistant", content=c.text),
+            finish_reason=c.finish_reason or "length",  # type: ignore[arg-type]
+            logprobs=ChoiceLogprobs(content=_chat_logprobs(c.logprobs, k)) if body.logprobs else None,
+            stop_reason=c.stop_reason,  # type: ignore[call-arg]
+        )
+        for c in gen.choices
+    ]
+    completion = ChatCompletion(
+        id=cid,
+        object="chat.completion",
+        created=created,
+        model=service.name,
+        choices=choices,
+        usage=_usage(gen.prompt_tokens, gen.completion_tokens),
+    )
+    return Response(completion.model_dump_json(), media_type="application/json")
+
+
+async def _stream_chat(
+    request: Request,
+    service: ModelService,
+    body: ChatCompletionRequest,
+    prompt_ids: list[int],
+    params: Any,
+    cid: str,
+    created: int,
+    k: int,
+) -> Response:
+    rid = request_id(request)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    stream = service.generate(prompt_ids, params, rid)
+
+    def chunk(choices: list[ChunkChoice], usage: CompletionUsage | None = None) -> str:
+        c = ChatCompletionChunk(
+            id=cid, object="chat.completion.chunk", created=created, model=service.name, choices=choices, usage=usage
+        )
+        return sse(c.model_dump_json(exclude_unset=True))
+
+    def delta_choice(d: SequenceDelta, first: bool) -> ChunkChoice:
+        return ChunkChoice(
+            index=d.index,
+            delta=ChoiceDelta(role="assistant", content=d.text) if first else ChoiceDelta(content=d.text),
+            finish_reason=d.finish_reason,  # type: ignore[arg-type]
+            logprobs=ChunkLogprobs(content=_chat_logprobs(d.logprobs, k)) if body.logprobs else None,
+        )
+
+    async def events() -> AsyncIterator[str]:
+        started: set[int] = set()
+        completion_tokens = 0
+        async for deltas in stream:
+            out = []
+            for d in deltas:
+                completion_tokens += len(d.token_ids)
+                out.append(delta_choice(d, d.index not in started))
+                started.add(d.index)
+            yield chunk(out)
+        _count_tokens(request, len(prompt_ids), completion_tokens)
+        if include_usage:
+            yield chunk([], _usage(len(prompt_ids), completion_tokens))
+
+    return await sse_response(request, events(), error_event, DONE)
+
+
+# ---------------------------------------------------------------- embeddings
+@router.post("/embeddings", openapi_extra=json_schema_body(EmbeddingRequest), response_model=None)
+async def create_embeddings(request: Request) -> Response:
+    service = _service(request)
+    body = await read_json(request, EmbeddingRequest)
+    _check_model(service, body.model)
+    service.require("the embeddings route", Task.text_embedding)
+    inp = body.input
+    if isinstance(inp, str):
+        inputs = service.encode_inputs([inp], "input")
+    elif inp and all(isinstance(x, str) for x in inp):
+        inputs = service.encode_inputs(list(inp), "input")  # type: ignore[arg-type]
+    elif inp and all(isinstance(x, int) for x in inp):
+        inputs = [service.check_token_ids(list(inp), "input")]  # type: ignore[arg-type]
+    elif inp:
+        inputs = [service.check_token_ids(list(x), f"input.{i}") for i, x in enumerate(inp)]  # type: ignore[arg-type]
+    else:
+        raise errors.InvalidRequest("input must not be empty", param="input")
+    for i, ids in enumerate(inputs):
+        if not ids:
+            raise errors.InvalidRequest("an input must not be empty", param=f"input.{i}")
+        if len(ids) > service.backend.max_model_len:
+            raise errors.ContextLengthExceeded(
+                f"Input {i} is {len(ids)} tokens long, more than the model's context length of "
+                f"{service.backend.max_model_len} tokens",
+                param=f"input.{i}",
+            )
+    vectors = await until_disconnect(request, service.embed(inputs))
+    if body.dimensions is not None and vectors and body.dimensions != len(vectors[0]):
+        raise errors.UnsupportedParameter(
+            f"dimensions ({body.dimensions}) is not supported: this model's embeddings have {len(vectors[0])} dimensions",
+            param="dimensions",
+        )
+    tokens = sum(len(x) for x in inputs)
+    request.app.state.metrics.prompt_tokens.inc(tokens)
+    data = []
+    for i, vec in enumerate(vectors):
+        if body.encoding_format == "base64":
+            emb: Any = base64.b64encode(np.asarray(vec, dtype="<f4").tobytes()).decode("ascii")
+        else:
+            emb = vec
+        data.append({"object": "embedding", "index": i, "embedding": emb})
+    return JSONResponse(
+        {
+            "object": "list",
+            "data": data,
+            "model": service.name,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+    )
+
+
+# -------------------------------------------------------------------- models
+def _model_card(service: ModelService) -> OpenAIModel:
+    return OpenAIModel(id=service.name, created=int(service.created), object="model", owned_by="hfserve")
+
+
+@router.get("/models", response_model=None)
+async def list_models(request: Request) -> Response:
+    service = _service(request)
+    return JSONResponse({"object": "list", "data": [_model_card(service).model_dump()]})
+
+
+@router.get("/models/{model_id:path}", response_model=None)
+async def retrieve_model(request: Request, model_id: str) -> Response:
+    service = _service(request)
+    _check_model(service, model_id)
+    return JSONResponse(_model_card(service).model_dump())

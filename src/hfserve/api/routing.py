@@ -1,0 +1,134 @@
+"""What every family's routes share: contract error handling, body parsing, SSE, disconnects."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import pydantic
+from fastapi import Request, Response
+from fastapi.routing import APIRoute
+from starlette.responses import StreamingResponse
+
+from .. import errors
+from ..validation import parse_body
+
+logger = logging.getLogger("hfserve.api")
+
+M = TypeVar("M", bound=pydantic.BaseModel)
+T = TypeVar("T")
+
+#: status logged for a request whose client went away (nginx's convention)
+CLIENT_CLOSED = 499
+
+
+class ContractRoute(APIRoute):
+    """An APIRoute whose every failure is rendered by the route's family renderer."""
+
+    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+        handler = super().get_route_handler()
+
+        async def contract_handler(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except errors.ClientDisconnected:
+                return disconnected(request)
+            except Exception as exc:  # noqa: BLE001 - every failure becomes a contract error
+                return request.app.state.errors.render(request, exc)
+
+        return contract_handler
+
+
+def request_id(request: Request) -> str:
+    return request.scope.get("state", {}).get("request_id") or "unknown"
+
+
+def disconnected(request: Request) -> Response:
+    request.app.state.errors.disconnected(request)
+    return Response(status_code=CLIENT_CLOSED)
+
+
+async def read_json(request: Request, model: type[M], prefix: str = "") -> M:
+    body = await request.body()
+    return parse_body(body, request.headers.get("content-type"), model, prefix)
+
+
+def json_schema_body(model: type[pydantic.BaseModel]) -> dict[str, Any]:
+    """``openapi_extra`` documenting a body that the route parses itself."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": model.model_json_schema(ref_template="#/components/schemas/{model}")}},
+        }
+    }
+
+
+async def until_disconnect(request: Request, work: Awaitable[T], poll: float = 0.25) -> T:
+    """Await ``work``; if the client goes away first, cancel it and raise ClientDisconnected."""
+    task = asyncio.ensure_future(work)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=poll)
+            if done:
+                return task.result()
+            if await request.is_disconnected():
+                raise errors.ClientDisconnected()
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+async def sse_response(
+    request: Request,
+    events: AsyncIterator[str],
+    error_event: Callable[[errors.HFServeError], str],
+    done_event: str | None = None,
+) -> StreamingResponse:
+    """An SSE response whose first event is computed before the 200 goes out.
+
+    Errors raised while computing the first event are normal error responses
+    (the caller sees them raised here). Errors after that are sent in the
+    stream with ``error_event`` (followed by ``done_event``), never by
+    dropping the connection.
+    """
+    try:
+        first = await events.__anext__()
+    except StopAsyncIteration:
+        first = ""
+    except BaseException:
+        await events.aclose()
+        raise
+
+    async def body() -> AsyncIterator[str]:
+        try:
+            if first:
+                yield first
+            try:
+                async for event in events:
+                    yield event
+            except errors.ClientDisconnected:
+                request.app.state.errors.disconnected(request)
+                return
+            except Exception as exc:  # noqa: BLE001 - reported in the stream
+                err = request.app.state.errors.in_stream(request, exc)
+                yield error_event(err)
+            if done_event:
+                yield done_event
+        except (asyncio.CancelledError, GeneratorExit):
+            request.app.state.errors.disconnected(request)
+            raise
+        finally:
+            await events.aclose()
+
+    return StreamingResponse(
+        body(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+def sse(data: str) -> str:
+    return f"data: {data}\n\n"

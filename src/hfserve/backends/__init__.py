@@ -1,0 +1,62 @@
+"""Model runtimes. :func:`create_backend` picks one for the command line's settings."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from typing import TYPE_CHECKING
+
+from .base import Backend
+
+if TYPE_CHECKING:
+    from ..cli import Settings
+
+logger = logging.getLogger("hfserve.backends")
+
+
+class BackendUnavailable(Exception):
+    """The requested backend cannot serve this model; the message says why."""
+
+
+def vllm_installed() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def vllm_support(settings: Settings) -> tuple[bool, str]:
+    """Whether vLLM can serve this model, and why (not)."""
+    if not vllm_installed():
+        return False, "vLLM is not installed"
+    try:
+        from . import vllm as vllm_backend
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        return False, f"the vLLM backend cannot be imported ({exc})"
+    return vllm_backend.supports(settings)
+
+
+def create_backend(settings: Settings) -> Backend:
+    args = settings.args
+    choice = args.backend
+    if choice == "auto":
+        ok, why = vllm_support(settings)
+        choice = "vllm" if ok else "huggingface"
+        logger.info("--backend auto chose %s: %s", choice, why)
+    elif choice == "vllm":
+        ok, why = vllm_support(settings)
+        if not ok:
+            raise BackendUnavailable(f"--backend vllm cannot serve this model: {why}")
+    if choice == "vllm":
+        from .vllm import VLLMBackend
+
+        return VLLMBackend(settings)
+    from .huggingface import HuggingFaceBackend
+
+    return HuggingFaceBackend(
+        settings.model,
+        task=settings.task,
+        revision=args.model_revision,
+        tokenizer_revision=args.tokenizer_revision,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        trust_remote_code=args.trust_remote_code,
+        max_workers=max(1, args.max_threads),
+    )

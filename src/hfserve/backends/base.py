@@ -1,0 +1,138 @@
+"""What a backend is: the interface between the serving layer and a model runtime.
+
+A backend knows nothing about HTTP, gRPC or any API family's format. It takes
+backend-neutral inputs (token ids, texts, :class:`SamplingParams`) and returns
+backend-neutral outputs (:class:`SequenceDelta`, arrays). Its own library's
+exceptions never cross this boundary: each backend translates them, once, into
+:mod:`hfserve.errors` classes (see each backend's ``map_exceptions``).
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..tasks import Task
+
+
+@dataclass
+class SamplingParams:
+    """Validated generation parameters, the same for every backend."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k filter
+    seed: int | None = None
+    n: int = 1
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; k: the chosen token's and the k most likely
+    prompt_logprobs: int | None = None  # for echo with logprobs
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class TokenLogprob:
+    """A generated (or prompt) token with its log-probability and the top alternatives."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: list[tuple[int, str, float]] = field(default_factory=list)
+
+
+@dataclass
+class SequenceDelta:
+    """What one step added to one of the ``n`` sequences of a request."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | None while running
+    stop_reason: str | int | None = None  # the stop string or token that ended it
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # first delta only, when asked
+
+
+@dataclass
+class Capabilities:
+    """What a backend can honour; the serving layer rejects the rest up front."""
+
+    max_logprobs: int = 20
+    max_n: int = 16
+    penalties: bool = False  # presence/frequency/repetition penalties
+    prompt_logprobs: bool = True
+    min_tokens: bool = False
+
+
+class Backend(abc.ABC):
+    """A loaded model that can run one task."""
+
+    #: short name shown in logs and metadata ("huggingface", "vllm")
+    name: str = "backend"
+
+    def __init__(self) -> None:
+        self.task: Task | None = None
+        self.tokenizer: Any = None
+        self.max_model_len: int = 0
+        self.capabilities = Capabilities()
+        self.labels: dict[int, str] = {}
+
+    # lifecycle -------------------------------------------------------
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Load the model; raise an hfserve error if it cannot be served."""
+
+    async def stop(self) -> None:
+        """Release the model (called once, at shutdown)."""
+
+    def healthy(self) -> bool:
+        """False once the runtime has died; the server then reports not ready."""
+        return True
+
+    @abc.abstractmethod
+    def map_exceptions(self, request_id: str | None = None) -> contextlib.AbstractContextManager[None]:
+        """Translate this backend's library exceptions into :mod:`hfserve.errors` classes.
+
+        The one place where the runtime's exception types are known. Every call
+        from the serving layer into the backend (tokenizer included) runs inside it.
+        """
+
+    # generation ------------------------------------------------------
+    def generate(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[list[SequenceDelta]]:
+        """Stream the generation of ``params.n`` sequences for one prompt.
+
+        Each item lists the deltas of the sequences that advanced. Closing the
+        iterator early (client gone) must cancel the work.
+        """
+        raise NotImplementedError
+
+    # encoder tasks -----------------------------------------------------
+    async def embed(self, inputs: list[list[int]]) -> list[list[float]]:
+        raise NotImplementedError
+
+    async def classify(self, inputs: list[list[int]]) -> list[list[float]]:
+        """Per input: the class logits."""
+        raise NotImplementedError
+
+    async def classify_tokens(self, inputs: list[list[int]]) -> list[list[list[float]]]:
+        """Per input, per token: the class logits."""
+        raise NotImplementedError
+
+    async def fill_mask(self, inputs: list[list[int]], top_k: int) -> list[list[list[tuple[int, float]]]]:
+        """Per input, per mask token: the ``top_k`` (token id, probability) pairs."""
+        raise NotImplementedError

@@ -1,0 +1,149 @@
+"""Command line: a drop-in for KServe huggingfaceserver's flags.
+
+Bad flags, conflicting flags, a missing model directory or an unsupported task
+end with one line on stderr and exit code 2 (no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NoReturn
+
+from .tasks import Task, TaskInferenceError, infer_task, parse_task
+
+DEFAULT_MODEL_DIR = "/mnt/models"
+BACKENDS = ("auto", "huggingface", "vllm")
+DTYPES = ("auto", "float16", "float32", "bfloat16", "float", "half")
+
+
+def _bool(value: str) -> bool:
+    v = value.strip().lower()
+    if v in ("y", "yes", "t", "true", "on", "1"):
+        return True
+    if v in ("n", "no", "f", "false", "off", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {value!r}")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"hfserve: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="hfserve",
+        description="Serve a Hugging Face model over KServe v1/v2 (REST, gRPC) and OpenAI-compatible APIs.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,
+    )
+    m = p.add_argument_group("model")
+    m.add_argument("--model_id", help="Hugging Face Hub model id (downloaded unless HF_HUB_OFFLINE=1)")
+    m.add_argument("--model_dir", help=f"local model directory (default {DEFAULT_MODEL_DIR} when no --model_id)")
+    m.add_argument("--model_name", default="model", help="name the model is served under")
+    m.add_argument("--model_revision", help="Hub revision of the model")
+    m.add_argument("--tokenizer_revision", help="Hub revision of the tokenizer")
+    m.add_argument("--task", help="one of: " + ", ".join(t.value for t in Task) + " (inferred from the config if omitted)")
+    m.add_argument("--backend", default="auto", choices=BACKENDS, help="model runtime")
+    m.add_argument("--dtype", default="auto", choices=DTYPES, help="weight dtype (auto: float32 on CPU, float16 on GPU)")
+    m.add_argument("--max_model_len", "--max_length", dest="max_model_len", type=int, help="context length (default: from the model config)")
+    m.add_argument("--trust_remote_code", action="store_true", help="allow custom model code from the Hub")
+    m.add_argument("--return_probabilities", action="store_true", help="classification tasks return probabilities instead of class ids")
+    m.add_argument("--return_token_type_ids", action="store_true", help="pass token type ids to encoder models")
+    m.add_argument("--disable_lower_case", action="store_true", help="accepted for compatibility (tokenizers keep their own casing)")
+    m.add_argument("--disable_special_tokens", action="store_true", help="accepted for compatibility (special tokens follow the tokenizer)")
+    s = p.add_argument_group("server")
+    s.add_argument("--http_port", type=int, default=8080)
+    s.add_argument("--grpc_port", type=int, default=8081)
+    s.add_argument("--enable_grpc", type=_bool, default=True, help="serve the Open Inference Protocol over gRPC")
+    s.add_argument("--host", default="0.0.0.0", help="address to listen on")
+    s.add_argument("--workers", type=int, default=1, help="accepted for compatibility; only 1 is supported")
+    s.add_argument("--max_threads", type=int, default=4, help="threads running model work")
+    s.add_argument("--disable_log_requests", action="store_true", help="no access log line per request")
+    s.add_argument("--max_request_body_bytes", type=int, default=16 * 1024 * 1024, help="larger bodies get 413")
+    v = p.add_argument_group("vLLM engine")
+    v.add_argument("--tensor_parallel_size", type=int, default=1)
+    v.add_argument("--gpu_memory_utilization", type=float, default=0.9)
+    v.add_argument("--max_num_seqs", type=int, default=None)
+    v.add_argument("--enforce_eager", action="store_true")
+    v.add_argument("--max_logprobs", type=int, default=20)
+    return p
+
+
+@dataclass
+class Settings:
+    model: str  # local directory or Hub id
+    local_dir: Path | None
+    task: Task | None
+    args: argparse.Namespace
+
+
+def _fail(message: str) -> NoReturn:
+    sys.stderr.write(f"hfserve: error: {message}\n")
+    raise SystemExit(2)
+
+
+def resolve(args: argparse.Namespace) -> Settings:
+    """Check the flags against each other and the file system (exit 2 on a problem)."""
+    if args.model_id and args.model_dir:
+        _fail("--model_id and --model_dir both name a model; give one of them")
+    if args.workers != 1:
+        _fail("--workers must be 1: one process serves one model (run more replicas instead)")
+    for flag in ("http_port", "grpc_port"):
+        port = getattr(args, flag)
+        if not 0 <= port <= 65535:
+            _fail(f"--{flag} {port} is not a port number (0-65535)")
+    if args.enable_grpc and args.grpc_port == args.http_port and args.http_port != 0:
+        _fail(f"--http_port and --grpc_port are both {args.http_port}; give them different ports")
+    if args.max_model_len is not None and args.max_model_len < 1:
+        _fail(f"--max_model_len must be positive, got {args.max_model_len}")
+    if args.max_request_body_bytes < 1:
+        _fail("--max_request_body_bytes must be positive")
+    task = None
+    if args.task:
+        try:
+            task = parse_task(args.task)
+        except TaskInferenceError as exc:
+            _fail(str(exc))
+    local_dir: Path | None = None
+    if args.model_id:
+        model = args.model_id
+        if Path(model).is_dir():
+            local_dir = Path(model)
+    else:
+        model = args.model_dir or DEFAULT_MODEL_DIR
+        local_dir = Path(model)
+        if not local_dir.is_dir():
+            _fail(f"model directory {model} does not exist; pass --model_dir DIR or --model_id HUB_ID")
+        if not (local_dir / "config.json").is_file():
+            _fail(f"model directory {model} has no config.json; is it a Hugging Face model directory?")
+    if local_dir is not None and task is None:
+        try:
+            config = json.loads((local_dir / "config.json").read_text())
+        except (OSError, ValueError) as exc:
+            _fail(f"cannot read {local_dir / 'config.json'}: {exc}")
+        try:
+            task = infer_task(config.get("architectures"), local_dir)
+        except TaskInferenceError as exc:
+            _fail(str(exc))
+    if args.return_probabilities and task is not None and task not in (
+        Task.sequence_classification,
+        Task.token_classification,
+        Task.fill_mask,
+    ):
+        _fail(f"--return_probabilities applies to classification and fill-mask models, not to {task.label}")
+    return Settings(model=model, local_dir=local_dir, task=task, args=args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    settings = resolve(args)
+    from .server import run
+
+    raise SystemExit(run(settings))
+
+

@@ -1,0 +1,49 @@
+"""Prometheus metrics: requests, latency, errors by family and class, tokens."""
+
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class Metrics:
+    """One registry per app, so several apps (tests) can live in one process."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "hfserve_requests_total",
+            "HTTP requests answered, by API family and status code.",
+            ["family", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "hfserve_request_duration_seconds",
+            "Time from request start to the end of the response, by API family.",
+            ["family"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+            registry=self.registry,
+        )
+        self.errors = Counter(
+            "hfserve_errors_total",
+            "Error responses (and in-stream errors), by API family and error class code.",
+            ["family", "code"],
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "hfserve_requests_in_flight", "Requests being served now.", ["family"], registry=self.registry
+        )
+        self.prompt_tokens = Counter(
+            "hfserve_prompt_tokens_total", "Prompt tokens processed.", registry=self.registry
+        )
+        self.generation_tokens = Counter(
+            "hfserve_generation_tokens_total", "Tokens generated.", registry=self.registry
+        )
+        self.disconnects = Counter(
+            "hfserve_client_disconnects_total",
+            "Requests whose client went away before the answer was complete.",
+            ["family"],
+            registry=self.registry,
+        )
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

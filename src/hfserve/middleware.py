@@ -1,0 +1,133 @@
+"""The outermost ASGI layer: request ids, body size limit, metrics, access log.
+
+It sits outside FastAPI, so even failures that never reach a route (an
+oversized body, an exception escaping the framework) are answered in the
+family's error shape and carry ``x-request-id``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from . import errors
+
+if TYPE_CHECKING:
+    from .app import ErrorHandling
+
+access_log = logging.getLogger("hfserve.access")
+
+_MAX_ID_LEN = 128
+
+
+def _client_request_id(scope: Scope) -> str | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"x-request-id":
+            try:
+                rid = value.decode("ascii")
+            except UnicodeDecodeError:
+                return None
+            if 0 < len(rid) <= _MAX_ID_LEN and rid.isprintable() and rid.strip() == rid:
+                return rid
+            return None
+    return None
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+class ContractMiddleware:
+    def __init__(self, app: ASGIApp, handling: ErrorHandling, max_body_bytes: int, log_requests: bool = True):
+        self.app = app
+        self.handling = handling
+        self.max_body_bytes = max_body_bytes
+        self.log_requests = log_requests
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = _client_request_id(scope) or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+        path = scope.get("path", "")
+        family = self.handling.family(path)
+        metrics = self.handling.metrics
+        started = time.perf_counter()
+        status: dict[str, Any] = {"code": None, "sent_body_end": False}
+        rid_header = (b"x-request-id", rid.encode("ascii"))
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                message["headers"] = [*message.get("headers", []), rid_header]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                status["sent_body_end"] = True
+            await send(message)
+
+        limit = self.max_body_bytes
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise errors.RequestTooLarge(_too_large(limit))
+            return message
+
+        metrics.in_flight.labels(family).inc()
+        try:
+            declared = _content_length(scope)
+            if declared is not None and declared > limit:
+                await self._respond(scope, receive, send_with_id, rid, errors.RequestTooLarge(_too_large(limit)))
+                return
+            try:
+                await self.app(scope, limited_receive, send_with_id)
+            except Exception as exc:  # noqa: BLE001 - nothing escapes without a contract body
+                if status["code"] is None:
+                    await self._respond(scope, receive, send_with_id, rid, exc)
+                else:
+                    errors.classify(exc, rid)
+        finally:
+            metrics.in_flight.labels(family).dec()
+            code = status["code"] or 499
+            if code != 499 and not status["sent_body_end"]:
+                code = 499  # the client left before the body was complete
+            elapsed = time.perf_counter() - started
+            metrics.requests.labels(family, str(code)).inc()
+            metrics.latency.labels(family).observe(elapsed)
+            if self.log_requests:
+                access_log.info(
+                    '%s "%s %s" %d %.1fms request_id=%s',
+                    _client(scope),
+                    scope.get("method", "-"),
+                    path,
+                    code,
+                    elapsed * 1000,
+                    rid,
+                )
+
+    async def _respond(self, scope: Scope, receive: Receive, send: Send, rid: str, exc: BaseException) -> None:
+        response = self.handling.render_for(scope.get("path", ""), rid, exc)
+        await response(scope, receive, send)
+
+
+def _too_large(limit: int) -> str:
+    return f"The request body is larger than the limit of {limit} bytes; send a smaller request"
+
+
+def _client(scope: Scope) -> str:
+    client = scope.get("client")
+    return f"{client[0]}:{client[1]}" if client else "-"

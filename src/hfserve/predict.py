@@ -1,0 +1,162 @@
+"""Task predictions for the KServe families (v1 predict, v2 infer REST and gRPC).
+
+One function turns a list of input texts into the task's answer, once, in two
+renderings: the v1 ``predictions`` list and the v2 ``output-0`` tensor. The
+shapes follow KServe's huggingfaceserver where it defines them (see README).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import errors
+from .sampling import SamplingOptions, build_params
+from .service import ModelService, argmax, softmax
+from .tasks import Task
+from .validation import validate
+
+OUTPUT_NAME = "output-0"
+INPUT_NAME = "input-0"
+FILL_MASK_TOP_K = 5
+
+
+@dataclass
+class Tensor:
+    name: str
+    datatype: str  # "INT64", "FP32", "BYTES"
+    shape: list[int]
+    data: list[Any]  # flat, row-major; str for BYTES
+
+    def as_numpy(self) -> np.ndarray:
+        if self.datatype == "BYTES":
+            return np.array([d.encode("utf-8") for d in self.data], dtype=np.object_).reshape(self.shape)
+        dtype = {"INT64": np.int64, "FP32": np.float32}[self.datatype]
+        return np.asarray(self.data, dtype=dtype).reshape(self.shape)
+
+
+@dataclass
+class Prediction:
+    predictions: list[Any]  # v1
+    tensor: Tensor  # v2
+
+
+def output_spec(task: Task, return_probabilities: bool) -> tuple[str, list[int]]:
+    """The v2 datatype and shape (-1: variable) of ``output-0`` for a task."""
+    if task.is_generative:
+        return "BYTES", [-1]
+    if task is Task.text_embedding:
+        return "FP32", [-1, -1]
+    if task is Task.sequence_classification:
+        return ("FP32", [-1, -1]) if return_probabilities else ("INT64", [-1])
+    if task is Task.token_classification:
+        return ("FP32", [-1, -1, -1]) if return_probabilities else ("INT64", [-1, 1, -1])
+    return "BYTES", [-1]
+
+
+def model_metadata(service: ModelService) -> dict[str, Any]:
+    datatype, shape = output_spec(service.task, service.return_probabilities)
+    return {
+        "name": service.name,
+        "versions": ["1"],
+        "platform": f"hfserve-{service.backend.name}",
+        "inputs": [{"name": INPUT_NAME, "datatype": "BYTES", "shape": [-1]}],
+        "outputs": [{"name": OUTPUT_NAME, "datatype": datatype, "shape": shape}],
+    }
+
+
+class PredictParameters(SamplingOptions):
+    """v1 ``parameters`` / v2 request ``parameters`` for generative models."""
+
+
+async def predict(
+    service: ModelService,
+    texts: list[str],
+    parameters: dict[str, Any] | None,
+    request_id: str,
+    *,
+    param: str,
+) -> Prediction:
+    """Run the model's task on ``texts``. ``param`` names the inputs in errors."""
+    task = service.task
+    if not texts:
+        raise errors.InvalidRequest(f"{param} must hold at least one input", param=param)
+    if task.is_generative:
+        return await _generate(service, texts, parameters or {}, request_id, param)
+    if parameters:
+        name = next(iter(parameters))
+        raise errors.UnsupportedParameter(
+            f"parameter {errors.echo(name)} is not supported for a {task.label} model; remove it",
+            param=f"parameters.{name}",
+        )
+    inputs = service.encode_inputs(texts, param)
+    n = len(inputs)
+    probs_wanted = service.return_probabilities
+    if task is Task.text_embedding:
+        vectors = await service.embed(inputs)
+        dim = len(vectors[0]) if vectors else 0
+        return Prediction(vectors, Tensor(OUTPUT_NAME, "FP32", [n, dim], [x for v in vectors for x in v]))
+    if task is Task.sequence_classification:
+        logits = await service.classify(inputs)
+        if probs_wanted:
+            probs = [softmax(row) for row in logits]
+            v1 = [{str(j): p for j, p in enumerate(row)} for row in probs]
+            return Prediction(v1, Tensor(OUTPUT_NAME, "FP32", [n, len(probs[0])], [p for r in probs for p in r]))
+        ids = [argmax(row) for row in logits]
+        return Prediction(ids, Tensor(OUTPUT_NAME, "INT64", [n], ids))
+    if task is Task.token_classification:
+        per_token = await service.classify_tokens(inputs)
+        width = max(len(x) for x in per_token)
+        if probs_wanted:
+            probs = [[softmax(tok) for tok in row] for row in per_token]
+            v1 = [[{str(j): p for j, p in enumerate(tok)} for tok in row] for row in probs]
+            classes = len(probs[0][0])
+            flat: list[float] = []
+            for row in probs:
+                for tok in row:
+                    flat.extend(tok)
+                flat.extend([0.0] * classes * (width - len(row)))
+            return Prediction(v1, Tensor(OUTPUT_NAME, "FP32", [n, width, classes], flat))
+        ids = [[argmax(tok) for tok in row] for row in per_token]
+        flat_ids = [i for row in ids for i in row + [-1] * (width - len(row))]
+        return Prediction([[row] for row in ids], Tensor(OUTPUT_NAME, "INT64", [n, 1, width], flat_ids))
+    # fill mask
+    top = await service.fill_mask(inputs, FILL_MASK_TOP_K if probs_wanted else 1)
+    if probs_wanted:
+        v1 = [
+            [
+                [{"token_id": tid, "token": service.decode_token(tid).strip(), "score": p} for tid, p in mask]
+                for mask in row
+            ]
+            for row in top
+        ]
+        return Prediction(v1, Tensor(OUTPUT_NAME, "BYTES", [n], [json.dumps(r) for r in v1]))
+    words = [" ".join(service.decode_token(mask[0][0]).strip() for mask in row) for row in top]
+    return Prediction(words, Tensor(OUTPUT_NAME, "BYTES", [n], words))
+
+
+async def _generate(
+    service: ModelService, texts: list[str], parameters: dict[str, Any], request_id: str, param: str
+) -> Prediction:
+    opts = validate(parameters, PredictParameters, prefix="parameters")
+    if opts.n != 1:
+        raise errors.UnsupportedParameter("n must be 1 on this route; use the OpenAI routes for n > 1", param="parameters.n")
+    prompts = [service.tokenize(t) for t in texts]
+    params = [
+        build_params(
+            opts,
+            prompt_tokens=len(ids),
+            max_model_len=service.backend.max_model_len,
+            capabilities=service.backend.capabilities,
+            default_max_tokens=None,
+            max_tokens_param="parameters.max_tokens",
+        )
+        for ids in prompts
+    ]
+    results = await asyncio.gather(*(service.generate_full(ids, p, request_id) for ids, p in zip(prompts, params)))
+    outputs = [r.choices[0].text for r in results]
+    return Prediction(outputs, Tensor(OUTPUT_NAME, "BYTES", [len(outputs)], outputs))

@@ -1,0 +1,93 @@
+"""Running the server: HTTP (uvicorn) and gRPC in one process and one event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from typing import TYPE_CHECKING, Any
+
+import uvicorn
+
+from .app import AppConfig, create_app
+from .backends import BackendUnavailable, create_backend
+from .service import ModelService
+
+if TYPE_CHECKING:
+    from .cli import Settings
+
+logger = logging.getLogger("hfserve")
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class Server:
+    """Owns the model service, the HTTP server and (when enabled) the gRPC server."""
+
+    def __init__(self, settings: Settings):
+        args = settings.args
+        self.settings = settings
+        self.backend = create_backend(settings)
+        self.service = ModelService(args.model_name, self.backend, return_probabilities=args.return_probabilities)
+        self.app = create_app(
+            self.service,
+            AppConfig(max_request_body_bytes=args.max_request_body_bytes, log_requests=not args.disable_log_requests),
+        )
+        self.http = uvicorn.Server(
+            uvicorn.Config(
+                self.app,
+                host=args.host,
+                port=args.http_port,
+                log_config=None,
+                access_log=False,
+                lifespan="off",
+                timeout_graceful_shutdown=30,
+            )
+        )
+        self.grpc: Any = None
+        self.exit_code = 0
+
+    async def _load(self) -> None:
+        try:
+            await self.service.start()
+        except Exception as exc:  # noqa: BLE001 - reported as one line, then exit
+            logger.error("cannot serve model %s: %s", self.settings.model, exc, exc_info=logger.isEnabledFor(logging.DEBUG))
+            self.exit_code = 1
+            self.http.should_exit = True
+            return
+        logger.info("model %s is ready (%s backend, task %s)", self.service.name, self.backend.name, self.service.task.value)
+
+    async def serve(self) -> int:
+        args = self.settings.args
+        if args.enable_grpc:
+            from .api.grpc import start_grpc_server
+
+            self.grpc = await start_grpc_server(self.service, args.host, args.grpc_port, self.app.state.errors)
+        loader = asyncio.create_task(self._load())
+        try:
+            await self.http.serve()
+        finally:
+            loader.cancel()
+            await asyncio.gather(loader, return_exceptions=True)
+            if self.grpc is not None:
+                await self.grpc.stop(grace=5)
+            await self.service.stop()
+        return self.exit_code
+
+
+def run(settings: Settings) -> int:
+    configure_logging()
+    try:
+        server = Server(settings)
+    except BackendUnavailable as exc:
+        sys.stderr.write(f"hfserve: error: {exc}\n")
+        return 2
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    return asyncio.run(server.serve())

@@ -1,0 +1,270 @@
+"""The serving layer: one served model, its readiness, and the task operations.
+
+API families call this module with backend-neutral inputs and render what it
+returns. It validates against the model (task, context length, limits), keeps
+readiness, and runs every backend call inside the backend's
+``map_exceptions`` so that only :mod:`hfserve.errors` classes come out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import math
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import chat, errors
+from .backends.base import Backend, SamplingParams, SequenceDelta, TokenLogprob
+from .tasks import Task
+
+logger = logging.getLogger("hfserve.service")
+
+
+class State(str, enum.Enum):
+    loading = "loading"
+    ready = "ready"
+    failed = "failed"
+    stopping = "stopping"
+
+
+@dataclass
+class Choice:
+    """A finished sequence, accumulated from its deltas."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+    def add(self, delta: SequenceDelta) -> None:
+        self.text += delta.text
+        self.token_ids.extend(delta.token_ids)
+        if delta.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + delta.logprobs
+        if delta.finish_reason:
+            self.finish_reason = delta.finish_reason
+            self.stop_reason = delta.stop_reason
+
+
+@dataclass
+class Generation:
+    choices: list[Choice]
+    prompt_tokens: int
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.choices)
+
+
+def softmax(row: list[float]) -> list[float]:
+    peak = max(row)
+    exps = [math.exp(x - peak) for x in row]
+    total = sum(exps)
+    return [e / total for e in exps]
+
+
+def argmax(row: list[float]) -> int:
+    return max(range(len(row)), key=row.__getitem__)
+
+
+class ModelService:
+    """The one model this server serves."""
+
+    def __init__(self, name: str, backend: Backend, *, return_probabilities: bool = False):
+        self.name = name
+        self.backend = backend
+        self.state = State.loading
+        self.return_probabilities = return_probabilities
+
+    # ------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        try:
+            await self.backend.start()
+        except BaseException:
+            self.state = State.failed
+            raise
+        self.state = State.ready
+
+    async def stop(self) -> None:
+        self.state = State.stopping
+        await self.backend.stop()
+
+    @property
+    def task(self) -> Task:
+        assert self.backend.task is not None
+        return self.backend.task
+
+    @property
+    def ready(self) -> bool:
+        return self.state is State.ready and self.backend.healthy()
+
+    def check_ready(self) -> None:
+        if self.ready:
+            return
+        if self.state is State.loading:
+            raise errors.ModelNotReady(f"Model {self.name} is still loading; retry shortly", retry_after=5)
+        if self.state is State.stopping:
+            raise errors.ModelNotReady(f"Model {self.name} is shutting down; retry on another replica", retry_after=1)
+        raise errors.ModelNotReady(f"Model {self.name} is not available: its engine has stopped", retry_after=10)
+
+    def check_name(self, name: str | None, *, param: str | None = None) -> None:
+        """Unknown model names are ``model_not_found``, checked before readiness."""
+        if name is not None and name != self.name:
+            raise errors.ModelNotFound(f"Model with name {errors.echo(name)} does not exist.", param=param)
+
+    def require(self, operation: str, *tasks: Task) -> None:
+        self.check_ready()
+        if self.task not in tasks:
+            wanted = " or ".join(t.label for t in tasks)
+            raise errors.UnsupportedTask(
+                f"Model {self.name} is a {self.task.label} model; {operation} needs a {wanted} model"
+            )
+
+    # ----------------------------------------------------------- tokenizing
+    @property
+    def tokenizer(self) -> Any:
+        return self.backend.tokenizer
+
+    def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        with self.backend.map_exceptions():
+            return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def check_token_ids(self, ids: list[int], param: str) -> list[int]:
+        vocab = len(self.tokenizer)
+        for i, tid in enumerate(ids):
+            if tid < 0 or tid >= vocab:
+                raise errors.InvalidRequest(
+                    f"token id {tid} is outside the vocabulary (0..{vocab - 1})", param=f"{param}.{i}"
+                )
+        return ids
+
+    def render_chat(self, messages: list[chat.ChatMessage], **options: Any) -> list[int]:
+        with self.backend.map_exceptions():
+            text = chat.render(self.tokenizer, messages, **options)
+            # the template already holds the special tokens it wants
+            return self.tokenize(text, add_special_tokens=False)
+
+    def encode_inputs(self, texts: list[str], param: str) -> list[list[int]]:
+        """Tokenize encoder inputs; over-long inputs are an error, never truncated."""
+        if not texts:
+            raise errors.InvalidRequest(f"{param} must contain at least one input", param=param)
+        out = []
+        for i, text in enumerate(texts):
+            ids = self.tokenize(text)
+            if len(ids) > self.backend.max_model_len:
+                raise errors.ContextLengthExceeded(
+                    f"Input {i} is {len(ids)} tokens long, more than the model's context length of "
+                    f"{self.backend.max_model_len} tokens; shorten it",
+                    param=f"{param}.{i}" if len(texts) > 1 or param.endswith("s") else param,
+                )
+            out.append(ids)
+        return out
+
+    # ------------------------------------------------------------ generation
+    async def generate(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[list[SequenceDelta]]:
+        """Stream deltas; only contract errors come out."""
+        self.check_ready()
+        stream = self.backend.generate(prompt_ids, params, request_id)
+        try:
+            while True:
+                with self.backend.map_exceptions(request_id):
+                    try:
+                        item = await stream.__anext__()
+                    except StopAsyncIteration:
+                        return
+                yield item
+        finally:
+            await stream.aclose()
+
+    async def generate_full(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> Generation:
+        choices = [Choice(index=i) for i in range(params.n)]
+        result = Generation(choices=choices, prompt_tokens=len(prompt_ids))
+        async for deltas in self.generate(prompt_ids, params, request_id):
+            for delta in deltas:
+                if delta.prompt_logprobs is not None:
+                    result.prompt_logprobs = delta.prompt_logprobs
+                choices[delta.index].add(delta)
+        return result
+
+    # --------------------------------------------------------- encoder tasks
+    async def embed(self, inputs: list[list[int]]) -> list[list[float]]:
+        with self.backend.map_exceptions():
+            return await self.backend.embed(inputs)
+
+    async def classify(self, inputs: list[list[int]]) -> list[list[float]]:
+        with self.backend.map_exceptions():
+            return await self.backend.classify(inputs)
+
+    async def classify_tokens(self, inputs: list[list[int]]) -> list[list[list[float]]]:
+        with self.backend.map_exceptions():
+            return await self.backend.classify_tokens(inputs)
+
+    async def fill_mask(self, inputs: list[list[int]], top_k: int = 1) -> list[list[list[tuple[int, float]]]]:
+        mask_id = getattr(self.tokenizer, "mask_token_id", None)
+        for i, ids in enumerate(inputs):
+            if mask_id is None or mask_id not in ids:
+                token = getattr(self.tokenizer, "mask_token", None) or "[MASK]"
+                raise errors.InvalidRequest(
+                    f"Input {i} has no mask token; put {token} where a word should be predicted", param=None
+                )
+        with self.backend.map_exceptions():
+            return await self.backend.fill_mask(inputs, top_k)
+
+    def decode_token(self, token_id: int) -> str:
+        with self.backend.map_exceptions():
+            return self.tokenizer.decode([token_id])
+
+    def label(self, class_id: int) -> str:
+        return self.backend.labels.get(class_id, str(class_id))
+
+
+async def merge(streams: list[AsyncIterator[Any]]) -> AsyncIterator[tuple[int, Any]]:
+    """Interleave several async iterators, yielding ``(stream index, item)``.
+
+    The first exception from any stream is raised; every stream is closed
+    (and so its work cancelled) when the consumer stops.
+    """
+    if len(streams) == 1:
+        async for item in streams[0]:
+            yield 0, item
+        return
+    queue: asyncio.Queue[tuple[int, Any, BaseException | None, bool]] = asyncio.Queue()
+
+    async def pump(i: int, it: AsyncIterator[Any]) -> None:
+        try:
+            async for item in it:
+                await queue.put((i, item, None, False))
+        except BaseException as exc:  # noqa: BLE001 - forwarded to the consumer
+            await queue.put((i, None, exc, True))
+            return
+        await queue.put((i, None, None, True))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    remaining = len(tasks)
+    try:
+        while remaining:
+            i, item, exc, done = await queue.get()
+            if exc is not None:
+                if isinstance(exc, asyncio.CancelledError):
+                    raise errors.ClientDisconnected() from None
+                raise exc
+            if done:
+                remaining -= 1
+                continue
+            yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for s in streams:
+            aclose = getattr(s, "aclose", None)
+            if aclose is not None:
+                await aclose()

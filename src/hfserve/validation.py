@@ -1,0 +1,99 @@
+"""Parsing and validating request bodies into contract errors.
+
+Every family reads its JSON bodies through :func:`parse_body`, so malformed
+JSON, a non-object body, a wrong content type and schema failures produce the
+same ``invalid_request`` / ``unsupported_media_type`` errors everywhere, and
+never FastAPI's 422 ``{"detail": ...}``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TypeVar
+
+import pydantic
+
+from . import errors
+from .errors import echo
+
+M = TypeVar("M", bound=pydantic.BaseModel)
+
+
+def dotted(loc: tuple[Any, ...] | list[Any], prefix: str = "") -> str | None:
+    parts = [str(p) for p in loc if p not in ("body",)]
+    # pydantic adds the union member's type name to the location; drop those
+    parts = [p for p in parts if not (p.startswith(("function-", "tagged-union[")) or p in _UNION_TAGS)]
+    path = ".".join(parts)
+    if prefix:
+        path = f"{prefix}.{path}" if path else prefix
+    return path or None
+
+
+_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "list[str]", "list[int]", "list[list[int]]", "none"}
+
+
+def _message(err: dict[str, Any], param: str | None) -> str:
+    kind = err.get("type", "")
+    where = param or "request body"
+    if kind == "extra_forbidden":
+        return f"Unrecognized request argument supplied: {where}"
+    if kind == "missing":
+        return f"Missing required parameter: {where}"
+    msg = str(err.get("msg", "is invalid"))
+    msg = msg.removeprefix("Value error, ")
+    received = err.get("input", None)
+    shown = "" if received is None or isinstance(received, (dict, list)) else f" (received {echo(received)})"
+    return f"Invalid value for {where}: {msg}{shown}"
+
+
+def from_error_list(errs: list[Any], prefix: str = "") -> errors.InvalidRequest:
+    """The first pydantic (or FastAPI) error of a list, as an ``invalid_request``."""
+    if not errs:
+        return errors.InvalidRequest("The request is invalid")
+    err = dict(errs[0])
+    param = dotted(err.get("loc", ()), prefix)
+    return errors.InvalidRequest(_message(err, param), param=param)
+
+
+def from_validation_error(exc: pydantic.ValidationError, prefix: str = "") -> errors.InvalidRequest:
+    return from_error_list(exc.errors(include_url=False), prefix)
+
+
+def check_content_type(content_type: str | None) -> None:
+    """JSON routes accept ``application/json`` (or ``+json``), or no content type."""
+    if not content_type:
+        return
+    media = content_type.split(";", 1)[0].strip().lower()
+    if media == "application/json" or media.endswith("+json"):
+        return
+    raise errors.UnsupportedMediaType(
+        f"Unsupported content type {echo(media)}; send the body as JSON with 'Content-Type: application/json'"
+    )
+
+
+def load_json(body: bytes) -> Any:
+    if not body.strip():
+        raise errors.InvalidRequest("The request body is empty; send a JSON object")
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, ValueError) as exc:
+        detail = f" ({exc.msg} at line {exc.lineno} column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else ""
+        raise errors.InvalidRequest(f"The request body is not valid JSON{detail}") from None
+
+
+def parse_body(body: bytes, content_type: str | None, model: type[M], prefix: str = "") -> M:
+    check_content_type(content_type)
+    data = load_json(body)
+    if not isinstance(data, dict):
+        kind = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean"}.get(
+            type(data), "null"
+        )
+        raise errors.InvalidRequest(f"The request body must be a JSON object, not {kind}")
+    return validate(data, model, prefix)
+
+
+def validate(data: Any, model: type[M], prefix: str = "") -> M:
+    try:
+        return model.model_validate(data)
+    except pydantic.ValidationError as exc:
+        raise from_validation_error(exc, prefix) from None
