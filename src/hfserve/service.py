@@ -12,6 +12,7 @@ import asyncio
 import enum
 import logging
 import math
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,6 +82,7 @@ class ModelService:
         self.backend = backend
         self.state = State.loading
         self.return_probabilities = return_probabilities
+        self.created = int(time.time())
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:

@@ -8,6 +8,7 @@ SDK reads them unchanged. Errors are rendered as the OpenAI error object.
 from __future__ import annotations
 
 import base64
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -173,16 +174,21 @@ class _CompletionLogprobs:
     def build(self, entries: list[TokenLogprob | None]) -> Logprobs:
         tokens, token_logprobs, top, offsets = [], [], [], []
         for e in entries:
-            if e is None:  # the first prompt token has no log-probability
+            if e is None:
                 continue
             tokens.append(e.token)
-            token_logprobs.append(e.logprob)
-            tops = {tok: lp for _, tok, lp in e.top[: self.k]}
-            tops.setdefault(e.token, e.logprob)
-            top.append(tops)
+            if math.isnan(e.logprob):  # the first prompt token: nothing came before it
+                token_logprobs.append(None)
+                top.append(None)
+            else:
+                token_logprobs.append(e.logprob)
+                tops = {tok: lp for _, tok, lp in e.top[: self.k]}
+                tops.setdefault(e.token, e.logprob)
+                top.append(tops)
             offsets.append(self.offset)
             self.offset += len(e.token)
-        return Logprobs(tokens=tokens, token_logprobs=token_logprobs, top_logprobs=top, text_offset=offsets)
+        # model_construct: the first echoed prompt token has null logprobs, which the type forbids
+        return Logprobs.model_construct(tokens=tokens, token_logprobs=token_logprobs, top_logprobs=top, text_offset=offsets)
 
 
 def _prompt_entries(service: ModelService, ids: list[int], plps: list[TokenLogprob | None] | None) -> list[TokenLogprob | None]:
@@ -304,13 +310,14 @@ async def _stream_completion(
                 if body.logprobs is not None:
                     builder = builders.setdefault(index, _CompletionLogprobs(body.logprobs))
                     lp = builder.build(entries + (d.logprobs or []))
-                chunk = Completion(
+                chunk = Completion.model_construct(
                     id=cid,
                     object="text_completion",
                     created=created,
                     model=service.name,
                     choices=[
-                        CompletionChoice(
+                        # model_construct: a chunk's finish_reason is null until the end
+                        CompletionChoice.model_construct(
                             index=index,
                             text=out_text,
                             logprobs=lp,
