@@ -23,6 +23,8 @@ logger = logging.getLogger("hfserve.app")
 
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 
+OPENAI_ONLY_PATHS = ("/v1/completions", "/v1/chat/", "/v1/embeddings")
+
 Renderer = Callable[[errors.HFServeError], Response]
 
 
@@ -53,7 +55,10 @@ class ErrorHandling:
         }
 
     def family(self, path: str) -> str:
-        if path.startswith(f"{self.openai_prefix}/v1/") or path == f"{self.openai_prefix}/v1":
+        if self.openai_prefix:
+            if path.startswith(f"{self.openai_prefix}/") or path == self.openai_prefix:
+                return "openai"
+        elif path.startswith(OPENAI_ONLY_PATHS):  # an empty prefix shares /v1 with KServe v1
             return "openai"
         if path.startswith("/v1/") or path == "/v1":
             return "v1"

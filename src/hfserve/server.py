@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
@@ -28,6 +30,15 @@ def configure_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+class _UvicornServer(uvicorn.Server):
+    """uvicorn, minus its signal handling (it re-raises SIGTERM after shutdown, so the
+    process would exit with -15); :class:`Server` installs its own handlers."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
 class Server:
     """Owns the model service, the HTTP server and (when enabled) the gRPC server."""
 
@@ -40,7 +51,7 @@ class Server:
             self.service,
             AppConfig(max_request_body_bytes=args.max_request_body_bytes, log_requests=not args.disable_log_requests),
         )
-        self.http = uvicorn.Server(
+        self.http = _UvicornServer(
             uvicorn.Config(
                 self.app,
                 host=args.host,
@@ -64,12 +75,23 @@ class Server:
             return
         logger.info("model %s is ready (%s backend, task %s)", self.service.name, self.backend.name, self.service.task.value)
 
+    def shutdown(self, sig: signal.Signals | None = None) -> None:
+        """Stop accepting work and exit (SIGTERM/SIGINT)."""
+        logger.info("received %s, shutting down", sig.name if sig else "shutdown")
+        self.service.begin_shutdown()
+        self.http.should_exit = True
+
     async def serve(self) -> int:
         args = self.settings.args
         if args.enable_grpc:
             from .api.grpc import start_grpc_server
 
-            self.grpc = await start_grpc_server(self.service, args.host, args.grpc_port, self.app.state.errors)
+            self.grpc = await start_grpc_server(
+                self.service, args.host, args.grpc_port, self.app.state.errors, max_message_bytes=args.max_request_body_bytes
+            )
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.shutdown, sig)
         loader = asyncio.create_task(self._load())
         try:
             await self.http.serve()
@@ -89,5 +111,8 @@ def run(settings: Settings) -> int:
     except BackendUnavailable as exc:
         sys.stderr.write(f"hfserve: error: {exc}\n")
         return 2
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    return asyncio.run(server.serve())
+    try:
+        return asyncio.run(server.serve())
+    except OSError as exc:  # e.g. a port already in use
+        sys.stderr.write(f"hfserve: error: {exc}\n")
+        return 2

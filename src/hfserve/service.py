@@ -93,8 +93,13 @@ class ModelService:
             raise
         self.state = State.ready
 
+    def begin_shutdown(self) -> None:
+        """Readiness turns false at once; new requests get model_not_ready."""
+        if self.state is not State.failed:
+            self.state = State.stopping
+
     async def stop(self) -> None:
-        self.state = State.stopping
+        self.begin_shutdown()
         await self.backend.stop()
 
     @property

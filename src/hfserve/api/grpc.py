@@ -44,7 +44,7 @@ from ..grpc_gen import grpc_predict_v2_pb2_grpc as pb2_grpc
 from ..predict import Tensor, model_metadata, predict
 from ..service import ModelService
 from ..validation import validate
-from .kserve_v2 import EXTENSIONS, InferenceRequest, _model, _wants_binary, input_texts
+from .kserve_v2 import EXTENSIONS, InferenceRequest, check_model, _wants_binary, input_texts
 
 if TYPE_CHECKING:
     from ..app import ErrorHandling
@@ -236,7 +236,7 @@ class InferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
     async def ModelReady(self, request: pb2.ModelReadyRequest, context: grpc.aio.ServicerContext) -> pb2.ModelReadyResponse:
         async def work() -> pb2.ModelReadyResponse:
             _require_name(self.service, request.name, "name")
-            _model(self.service, request.name, request.version)
+            check_model(self.service, request.name, request.version)
             return pb2.ModelReadyResponse(ready=self.service.ready)
 
         return await self._call(context, request_id(context), work)
@@ -255,7 +255,7 @@ class InferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
     ) -> pb2.ModelMetadataResponse:
         async def work() -> pb2.ModelMetadataResponse:
             _require_name(self.service, request.name, "name")
-            _model(self.service, request.name, request.version)
+            check_model(self.service, request.name, request.version)
             self.service.check_ready()
             meta = model_metadata(self.service)
             tensor = pb2.ModelMetadataResponse.TensorMetadata
@@ -277,7 +277,7 @@ class InferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
             service = self.service
             _require_name(service, request.model_name, "model_name")
             req, raw, is_raw = request_model(request)
-            _model(service, request.model_name, request.model_version)
+            check_model(service, request.model_name, request.model_version)
             service.check_ready()
             texts = input_texts(req, raw)
             _wants_binary(req)  # validates the requested outputs; binary_data is an HTTP notion

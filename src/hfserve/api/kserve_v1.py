@@ -22,7 +22,7 @@ router = APIRouter(prefix="/v1", route_class=ContractRoute, tags=["v1"])
 
 
 class PredictRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     instances: list[Any] | None = None
     inputs: list[Any] | None = None  # accepted as a synonym, as KServe does
     parameters: dict[str, Any] | None = None

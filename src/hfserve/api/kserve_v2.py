@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import struct
-import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -62,7 +61,7 @@ Parameters = dict[str, str | int | float | bool | None]
 
 
 class RequestInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     name: str
     shape: list[Annotated[int, Field(ge=0)]]
     datatype: str
@@ -71,13 +70,13 @@ class RequestInput(BaseModel):
 
 
 class RequestOutput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     name: str
     parameters: Parameters | None = None
 
 
 class InferenceRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     id: str | None = None
     parameters: Parameters | None = None
     inputs: Annotated[list[RequestInput], Field(min_length=1)]
@@ -95,7 +94,7 @@ def _service(request: Request) -> ModelService:
     return request.app.state.service
 
 
-def _model(service: ModelService, name: str, version: str | None = None) -> None:
+def check_model(service: ModelService, name: str, version: str | None = None) -> None:
     service.check_name(name)
     if version not in (None, "", "1"):
         raise errors.ModelNotFound(f"Model {errors.echo(name)} has no version {errors.echo(version)}; the only version is 1")
@@ -276,7 +275,7 @@ async def list_models(request: Request) -> dict[str, list[str]]:
 @router.get("/models/{name}/versions/{version}")
 async def get_model_metadata(request: Request, name: str, version: str | None = None) -> dict[str, Any]:
     service = _service(request)
-    _model(service, name, version)
+    check_model(service, name, version)
     service.check_ready()
     return model_metadata(service)
 
@@ -285,7 +284,7 @@ async def get_model_metadata(request: Request, name: str, version: str | None = 
 @router.get("/models/{name}/versions/{version}/ready")
 async def model_ready(request: Request, name: str, version: str | None = None) -> dict[str, Any]:
     service = _service(request)
-    _model(service, name, version)
+    check_model(service, name, version)
     service.check_ready()
     return {"name": name, "ready": True}
 
@@ -296,7 +295,7 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
     service = _service(request)
     body = await request.body()
     req, raw = parse_infer_body(body, request.headers)
-    _model(service, name, version)
+    check_model(service, name, version)
     service.check_ready()
     texts = input_texts(req, raw)
     binary = _wants_binary(req)
@@ -304,7 +303,7 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
     result: Prediction = await until_disconnect(
         request, predict(service, texts, params or None, request_id(request), param="inputs.0.data")
     )
-    return infer_response(service, req.id or str(uuid.uuid4()), result.tensor, binary)
+    return infer_response(service, req.id or request_id(request), result.tensor, binary)
 
 
 def _generate_options(body: GenerateRequest) -> SamplingOptions:
@@ -319,7 +318,7 @@ def _generate_options(body: GenerateRequest) -> SamplingOptions:
 async def _prepare_generate(request: Request, name: str, version: str | None) -> tuple[ModelService, GenerateRequest, list[int], Any]:
     service = _service(request)
     body = await read_json(request, GenerateRequest)
-    _model(service, name, version)
+    check_model(service, name, version)
     service.require("the generate extension", Task.text_generation, Task.text2text_generation)
     opts = _generate_options(body)
     if opts.n != 1:

@@ -71,7 +71,7 @@ DONE = sse("[DONE]")
 
 # ------------------------------------------------------------------- requests
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False
     continuous_usage_stats: bool = False
 
@@ -115,7 +115,7 @@ class ChatCompletionRequest(SamplingOptions):
 
 
 class EmbeddingRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     model: str
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] = "float"

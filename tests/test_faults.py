@@ -1,0 +1,144 @@
+"""Injected backend faults surface as contract errors on every family, and the server keeps serving.
+
+The server runs in this process (uvicorn in a thread) on a backend that fails on purpose, so the
+failures are real exceptions escaping a backend, not mocked responses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from hfserve.app import create_app
+from hfserve.backends.huggingface import HuggingFaceBackend
+from hfserve.service import ModelService
+from tests.conftest import free_port
+from tests.contract import assert_error
+
+
+class FaultyBackend(HuggingFaceBackend):
+    """Fails when the prompt says so: before the first token, or after two steps."""
+
+    async def generate(self, prompt_ids, params, request_id):
+        text = self.tokenizer.decode(prompt_ids)
+        if "FAIL_BEFORE" in text:
+            raise RuntimeError("exploded in /secret/backend.py")
+        steps = 0
+        async for item in super().generate(prompt_ids, params, request_id):
+            yield item
+            steps += 1
+            if "FAIL_MID" in text and steps == 2:
+                raise KeyError("mid-stream failure at /secret/backend.py")
+
+
+@pytest.fixture(scope="module")
+def faulty(models):
+    backend = FaultyBackend(str(models["llama"]))
+    service = ModelService("faulty", backend)
+    asyncio.run(service.start())
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_config=None, lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_internal_error_before_first_token_on_every_family(faulty):
+    cases = [
+        ("/openai/v1/completions", {"model": "faulty", "prompt": "FAIL_BEFORE", "max_tokens": 3}),
+        ("/openai/v1/completions", {"model": "faulty", "prompt": "FAIL_BEFORE", "max_tokens": 3, "stream": True}),
+        ("/openai/v1/chat/completions", {"model": "faulty", "messages": [{"role": "user", "content": "FAIL_BEFORE"}], "stream": True}),
+        ("/v1/models/faulty:predict", {"instances": ["FAIL_BEFORE"]}),
+        ("/v2/models/faulty/generate", {"text_input": "FAIL_BEFORE"}),
+        ("/v2/models/faulty/generate_stream", {"text_input": "FAIL_BEFORE"}),
+        ("/v2/models/faulty/infer", {"inputs": [{"name": "input-0", "shape": [1], "datatype": "BYTES", "data": ["FAIL_BEFORE"]}]}),
+    ]
+    for path, body in cases:
+        resp = httpx.post(f"{faulty}{path}", json=body, timeout=60)
+        msg = assert_error(resp, "internal_error", param=None)
+        assert msg == f"Internal server error (request id {resp.headers['x-request-id']})"
+        # ... and the server keeps serving
+        ok = httpx.post(f"{faulty}/openai/v1/completions", json={"model": "faulty", "prompt": "hi", "max_tokens": 2}, timeout=60)
+        assert ok.status_code == 200
+
+
+def test_mid_stream_error_openai_sdk(faulty):
+    client = openai.OpenAI(base_url=f"{faulty}/openai/v1", api_key="x", max_retries=0)
+    stream = client.completions.create(model="faulty", prompt="FAIL_MID", max_tokens=10, stream=True, extra_body={"ignore_eos": True})
+    got = []
+    with pytest.raises(openai.APIError) as exc:
+        for chunk in stream:
+            got.append(chunk)
+    assert len(got) == 2  # the two steps before the failure arrived
+    assert exc.value.message.startswith("Internal server error (request id ")
+
+
+def test_mid_stream_error_event_shapes(faulty):
+    with httpx.stream(
+        "POST",
+        f"{faulty}/openai/v1/chat/completions",
+        json={"model": "faulty", "messages": [{"role": "user", "content": "FAIL_MID"}], "max_tokens": 10, "stream": True,
+              "ignore_eos": True},
+        timeout=60,
+    ) as resp:
+        assert resp.status_code == 200
+        events = [line[6:] for line in resp.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    err = json.loads(events[-2])
+    assert set(err) == {"error"}
+    assert err["error"]["code"] == "internal_error" and err["error"]["type"] == "server_error"
+    assert set(err["error"]) == {"message", "type", "param", "code"}
+
+    with httpx.stream(
+        "POST", f"{faulty}/v2/models/faulty/generate_stream",
+        json={"text_input": "FAIL_MID", "max_tokens": 10, "ignore_eos": True}, timeout=60,
+    ) as resp:
+        assert resp.status_code == 200
+        events = [json.loads(line[6:]) for line in resp.iter_lines() if line.startswith("data: ")]
+    assert "text_output" in events[0]
+    assert set(events[-1]) == {"error"} and isinstance(events[-1]["error"], str)
+    assert "/secret" not in events[-1]["error"]
+
+
+def test_error_metrics_count_internal_errors(faulty):
+    httpx.post(f"{faulty}/v1/models/faulty:predict", json={"instances": ["FAIL_BEFORE"]}, timeout=60)
+    metrics = httpx.get(f"{faulty}/metrics", timeout=30).text
+    line = next(x for x in metrics.splitlines() if x.startswith('hfserve_errors_total{code="internal_error",family="v1"}'))
+    assert float(line.rsplit(" ", 1)[1]) >= 1
+
+
+def test_event_loop_stays_free_during_generation(llama):
+    """Health answers, and a second request completes, while a long generation runs."""
+    done = threading.Event()
+    result = {}
+
+    def long_generation():
+        result["resp"] = httpx.post(
+            f"{llama.openai_url}/completions",
+            json={"model": "llama", "prompt": "hi", "max_tokens": 250, "ignore_eos": True},
+            timeout=300,
+        )
+        done.set()
+
+    worker = threading.Thread(target=long_generation)
+    worker.start()
+    time.sleep(0.5)
+    ready = httpx.get(f"{llama.url}/v2/health/ready", timeout=30)
+    short = httpx.post(f"{llama.openai_url}/completions", json={"model": "llama", "prompt": "x", "max_tokens": 2}, timeout=300)
+    answered_while_running = not done.is_set()
+    worker.join()
+    assert ready.status_code == 200 and short.status_code == 200
+    assert answered_while_running, "health and a second request had to wait for the long generation"
+    assert result["resp"].json()["usage"]["completion_tokens"] == 250
