@@ -8,7 +8,6 @@ clients: the ``openai`` SDK, ``tritonclient`` and httpx.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import os
 import pathlib
 import signal
@@ -100,8 +99,6 @@ def start_server(
         "127.0.0.1",
         *extra,
     ]
-    if importlib.util.find_spec("hfserve.api.grpc") is None:  # TEMP until the gRPC family lands
-        args += ["--enable_grpc", "false"]
     log_path = log_dir / f"{name}-{http_port}.log"
     log = open(log_path, "wb")
     proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
