@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import errors
 from .api import kserve_v1, kserve_v2, openai
 from .api.routing import CLIENT_CLOSED, request_id
+from .limits import Admission
 from .metrics import Metrics
 from .middleware import ContractMiddleware
 from .service import ModelService
@@ -33,6 +34,10 @@ class AppConfig:
     max_request_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     log_requests: bool = True
     openai_prefix: str | None = None  # default: $KSERVE_OPENAI_ROUTE_PREFIX or "openai"
+    max_concurrent_requests: int | None = None
+    max_queue_size: int = 0
+    request_timeout_seconds: float | None = None
+    api_key: str | None = None
 
 
 def openai_prefix(configured: str | None = None) -> str:
@@ -123,7 +128,9 @@ def create_app(service: ModelService, config: AppConfig | None = None) -> FastAP
         docs_url=None,
         redoc_url=None,
     )
+    admission = Admission(config.max_concurrent_requests, config.max_queue_size)
     app.state.service = service
+    app.state.admission = admission
     app.state.metrics = metrics
     app.state.errors = handling
 
@@ -151,6 +158,9 @@ def create_app(service: ModelService, config: AppConfig | None = None) -> FastAP
         ContractMiddleware,
         handling=handling,
         max_body_bytes=config.max_request_body_bytes,
+        admission=admission,
         log_requests=config.log_requests,
+        api_key=config.api_key,
+        request_timeout=config.request_timeout_seconds,
     )
     return app

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,8 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="0.0.0.0", help="address to listen on")
     s.add_argument("--workers", type=int, default=1, help="accepted for compatibility; only 1 is supported")
     s.add_argument("--max_threads", type=int, default=4, help="threads running model work")
+    s.add_argument("--max_batch_size", type=int, default=32, help="most inputs (generation: sequences) sharing one forward pass (transformers backend)")
+    s.add_argument("--max_batch_wait_ms", type=float, default=5.0, help="longest wait for more requests to batch with (transformers backend)")
     s.add_argument("--disable_log_requests", action="store_true", help="no access log line per request")
     s.add_argument("--max_request_body_bytes", type=int, default=16 * 1024 * 1024, help="larger bodies get 413")
+    s.add_argument("--max_concurrent_requests", type=int, default=None, help="model requests running at once (default: no limit)")
+    s.add_argument("--max_queue_size", type=int, default=256, help="model requests waiting for a slot; beyond it: 503 overloaded")
+    s.add_argument("--request_timeout_seconds", type=float, default=None, help="deadline of a request (x-request-timeout overrides it); then 504")
+    s.add_argument("--api_key", default=os.environ.get("HFSERVE_API_KEY"), help="require 'Authorization: Bearer KEY' on model routes (or set HFSERVE_API_KEY)")
+    s.add_argument("--shutdown_grace_seconds", type=float, default=30.0, help="on SIGTERM, how long in-flight requests may take to finish")
     v = p.add_argument_group("vLLM engine")
     v.add_argument("--tensor_parallel_size", type=int, default=1)
     v.add_argument("--gpu_memory_utilization", type=float, default=0.9)
@@ -103,6 +111,20 @@ def resolve(args: argparse.Namespace) -> Settings:
         _fail(f"--max_model_len must be positive, got {args.max_model_len}")
     if args.max_request_body_bytes < 1:
         _fail("--max_request_body_bytes must be positive")
+    if args.max_batch_size < 1:
+        _fail(f"--max_batch_size must be positive, got {args.max_batch_size}")
+    if not args.max_batch_wait_ms >= 0:
+        _fail(f"--max_batch_wait_ms must be zero or positive, got {args.max_batch_wait_ms}")
+    if args.max_concurrent_requests is not None and args.max_concurrent_requests < 1:
+        _fail(f"--max_concurrent_requests must be at least 1, got {args.max_concurrent_requests}")
+    if args.max_queue_size < 0:
+        _fail(f"--max_queue_size must not be negative, got {args.max_queue_size}")
+    if args.request_timeout_seconds is not None and not args.request_timeout_seconds > 0:
+        _fail(f"--request_timeout_seconds must be positive, got {args.request_timeout_seconds}")
+    if args.shutdown_grace_seconds < 0:
+        _fail(f"--shutdown_grace_seconds must not be negative, got {args.shutdown_grace_seconds}")
+    if args.api_key is not None and not args.api_key.strip():
+        _fail("--api_key is empty; give a key or leave it out")
     task = None
     if args.task:
         try:

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import errors
+from . import errors, limits
 
 if TYPE_CHECKING:
     from .app import ErrorHandling
@@ -37,6 +37,10 @@ def _client_request_id(scope: Scope) -> str | None:
     return None
 
 
+def _headers(scope: Scope) -> dict[str, str]:
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", ())}
+
+
 def _content_length(scope: Scope) -> int | None:
     for name, value in scope.get("headers", ()):
         if name == b"content-length":
@@ -48,11 +52,23 @@ def _content_length(scope: Scope) -> int | None:
 
 
 class ContractMiddleware:
-    def __init__(self, app: ASGIApp, handling: ErrorHandling, max_body_bytes: int, log_requests: bool = True):
+    def __init__(
+        self,
+        app: ASGIApp,
+        handling: ErrorHandling,
+        max_body_bytes: int,
+        admission: limits.Admission,
+        log_requests: bool = True,
+        api_key: str | None = None,
+        request_timeout: float | None = None,
+    ):
         self.app = app
         self.handling = handling
         self.max_body_bytes = max_body_bytes
+        self.admission = admission
         self.log_requests = log_requests
+        self.api_key = api_key
+        self.request_timeout = request_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -89,12 +105,22 @@ class ContractMiddleware:
 
         metrics.in_flight.labels(family).inc()
         try:
-            declared = _content_length(scope)
-            if declared is not None and declared > limit:
-                await self._respond(scope, receive, send_with_id, rid, errors.RequestTooLarge(_too_large(limit)))
-                return
             try:
-                await self.app(scope, limited_receive, send_with_id)
+                declared = _content_length(scope)
+                if declared is not None and declared > limit:
+                    raise errors.RequestTooLarge(_too_large(limit))
+                method = scope.get("method", "GET")
+                headers = _headers(scope)
+                if self.api_key and not limits.is_open(method, path):
+                    limits.check_api_key(self.api_key, headers.get("authorization"))
+                seconds = limits.parse_timeout(headers.get(limits.TIMEOUT_HEADER), self.request_timeout)
+                deadline = limits.Deadline(seconds) if seconds else None
+                scope["state"]["deadline"] = deadline
+                if method == "POST":  # model work takes a slot
+                    async with self.admission.slot(deadline):
+                        await self.app(scope, limited_receive, send_with_id)
+                else:
+                    await self.app(scope, limited_receive, send_with_id)
             except Exception as exc:  # noqa: BLE001 - nothing escapes without a contract body
                 if status["code"] is None:
                     await self._respond(scope, receive, send_with_id, rid, exc)

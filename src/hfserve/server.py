@@ -49,7 +49,14 @@ class Server:
         self.service = ModelService(args.model_name, self.backend, return_probabilities=args.return_probabilities)
         self.app = create_app(
             self.service,
-            AppConfig(max_request_body_bytes=args.max_request_body_bytes, log_requests=not args.disable_log_requests),
+            AppConfig(
+                max_request_body_bytes=args.max_request_body_bytes,
+                log_requests=not args.disable_log_requests,
+                max_concurrent_requests=args.max_concurrent_requests,
+                max_queue_size=args.max_queue_size,
+                request_timeout_seconds=args.request_timeout_seconds,
+                api_key=args.api_key,
+            ),
         )
         self.http = _UvicornServer(
             uvicorn.Config(
@@ -64,6 +71,7 @@ class Server:
         )
         self.grpc: Any = None
         self.exit_code = 0
+        self._draining: asyncio.Future[None] | None = None
 
     async def _load(self) -> None:
         try:
@@ -76,9 +84,26 @@ class Server:
         logger.info("model %s is ready (%s backend, task %s)", self.service.name, self.backend.name, self.service.task.value)
 
     def shutdown(self, sig: signal.Signals | None = None) -> None:
-        """Stop accepting work and exit (SIGTERM/SIGINT)."""
-        logger.info("received %s, shutting down", sig.name if sig else "shutdown")
+        """SIGTERM/SIGINT: readiness turns false at once and new model requests get
+        model_not_ready; in-flight requests (streams included) may finish within
+        --shutdown_grace_seconds; then the server exits."""
+        if self._draining is not None:  # a second signal: stop now
+            self.http.force_exit = True
+            self.http.should_exit = True
+            return
+        logger.info("received %s: draining in-flight requests, then exiting", sig.name if sig else "shutdown")
         self.service.begin_shutdown()
+        self._draining = asyncio.ensure_future(self._drain())
+
+    async def _drain(self) -> None:
+        grace = self.settings.args.shutdown_grace_seconds
+        started = asyncio.get_running_loop().time()
+        idle = await self.app.state.admission.wait_idle(grace)
+        if not idle:
+            logger.warning("requests still running after %.0fs of grace; cancelling them", grace)
+        left = max(0.0, grace - (asyncio.get_running_loop().time() - started))
+        self.http.config.timeout_graceful_shutdown = max(1, int(left))
+        self.http.force_exit = not idle
         self.http.should_exit = True
 
     async def serve(self) -> int:
@@ -87,7 +112,14 @@ class Server:
             from .api.grpc import start_grpc_server
 
             self.grpc = await start_grpc_server(
-                self.service, args.host, args.grpc_port, self.app.state.errors, max_message_bytes=args.max_request_body_bytes
+                self.service,
+                args.host,
+                args.grpc_port,
+                self.app.state.errors,
+                max_message_bytes=args.max_request_body_bytes,
+                admission=self.app.state.admission,
+                api_key=args.api_key,
+                request_timeout=args.request_timeout_seconds,
             )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -98,8 +130,10 @@ class Server:
         finally:
             loader.cancel()
             await asyncio.gather(loader, return_exceptions=True)
+            if self._draining is not None and not self._draining.done():
+                self._draining.cancel()
             if self.grpc is not None:
-                await self.grpc.stop(grace=5)
+                await self.grpc.stop(grace=1)
             await self.service.stop()
         return self.exit_code
 

@@ -38,7 +38,7 @@ import grpc
 import numpy as np
 from google.protobuf import unknown_fields
 
-from .. import __version__, errors
+from .. import __version__, errors, limits
 from ..grpc_gen import grpc_predict_v2_pb2 as pb2
 from ..grpc_gen import grpc_predict_v2_pb2_grpc as pb2_grpc
 from ..predict import Tensor, model_metadata, predict
@@ -184,9 +184,30 @@ def _require_name(service: ModelService, name: str, field: str) -> None:
 
 # ---------------------------------------------------------------- servicer
 class InferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, service: ModelService, handling: ErrorHandling):
+    def __init__(
+        self,
+        service: ModelService,
+        handling: ErrorHandling,
+        admission: limits.Admission | None = None,
+        api_key: str | None = None,
+        request_timeout: float | None = None,
+    ):
         self.service = service
         self.handling = handling
+        self.admission = admission or limits.Admission()
+        self.api_key = api_key
+        self.request_timeout = request_timeout
+
+    def _authorize(self, context: grpc.aio.ServicerContext) -> None:
+        """Model calls need the API key (``authorization: Bearer <key>`` metadata) when one is set."""
+        if self.api_key:
+            given = dict(context.invocation_metadata() or ()).get("authorization")
+            limits.check_api_key(self.api_key, given)
+
+    def _deadline(self, context: grpc.aio.ServicerContext) -> limits.Deadline | None:
+        """The earlier of the client's gRPC deadline and the server's request timeout."""
+        candidates = [t for t in (context.time_remaining(), self.request_timeout) if t is not None]
+        return limits.Deadline(min(candidates)) if candidates else None
 
     async def _call(
         self, context: grpc.aio.ServicerContext, rid: str, work: Callable[[], Awaitable[T]]
@@ -254,6 +275,7 @@ class InferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
         self, request: pb2.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb2.ModelMetadataResponse:
         async def work() -> pb2.ModelMetadataResponse:
+            self._authorize(context)
             _require_name(self.service, request.name, "name")
             check_model(self.service, request.name, request.version)
             self.service.check_ready()
@@ -275,6 +297,7 @@ class InferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
 
         async def work() -> pb2.ModelInferResponse:
             service = self.service
+            self._authorize(context)
             _require_name(service, request.model_name, "model_name")
             req, raw, is_raw = request_model(request)
             check_model(service, request.model_name, request.model_version)
@@ -282,7 +305,10 @@ class InferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
             texts = input_texts(req, raw)
             _wants_binary(req)  # validates the requested outputs; binary_data is an HTTP notion
             params = {k: v for k, v in (req.parameters or {}).items() if k != "binary_data_output"}
-            result = await predict(service, texts, params or None, rid, param="inputs.0.data")
+            deadline = self._deadline(context)
+            async with self.admission.slot(deadline):
+                prediction = predict(service, texts, params or None, rid, param="inputs.0.data")
+                result = await (deadline.run(prediction) if deadline is not None else prediction)
             out, raw_out = output_tensor(result.tensor, is_raw)
             response = pb2.ModelInferResponse(
                 model_name=service.name, model_version="1", id=request.id or rid, outputs=[out]
@@ -328,6 +354,9 @@ async def start_grpc_server(
     port: int,
     handling: ErrorHandling,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    admission: limits.Admission | None = None,
+    api_key: str | None = None,
+    request_timeout: float | None = None,
 ) -> grpc.aio.Server:
     """Start the gRPC server in the running event loop and return it.
 
@@ -340,7 +369,9 @@ async def start_grpc_server(
             ("grpc.so_reuseport", 0),
         ]
     )
-    pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service, handling), server)
+    pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+        InferenceServicer(service, handling, admission, api_key, request_timeout), server
+    )
     address = _address(host, port)
     try:
         bound = server.add_insecure_port(address)

@@ -13,6 +13,7 @@ from fastapi.routing import APIRoute
 from starlette.responses import StreamingResponse
 
 from .. import errors
+from ..limits import deadline_of
 from ..validation import parse_body
 
 logger = logging.getLogger("hfserve.api")
@@ -66,13 +67,18 @@ def json_schema_body(model: type[pydantic.BaseModel]) -> dict[str, Any]:
 
 
 async def until_disconnect(request: Request, work: Awaitable[T], poll: float = 0.25) -> T:
-    """Await ``work``; if the client goes away first, cancel it and raise ClientDisconnected."""
+    """Await ``work``; if the client goes away first, or the request's deadline passes,
+    cancel it and raise ClientDisconnected or ``timeout``."""
+    deadline = deadline_of(request)
     task = asyncio.ensure_future(work)
     try:
         while True:
-            done, _ = await asyncio.wait({task}, timeout=poll)
+            wait = poll if deadline is None else max(0.0, min(poll, deadline.remaining()))
+            done, _ = await asyncio.wait({task}, timeout=wait)
             if done:
                 return task.result()
+            if deadline is not None and deadline.remaining() <= 0:
+                raise deadline.error()
             if await request.is_disconnected():
                 raise errors.ClientDisconnected()
     finally:
@@ -94,8 +100,15 @@ async def sse_response(
     stream with ``error_event`` (followed by ``done_event``), never by
     dropping the connection.
     """
+    deadline = deadline_of(request)
+
+    async def next_event() -> str:
+        if deadline is None:
+            return await events.__anext__()
+        return await deadline.run(events.__anext__())
+
     try:
-        first = await events.__anext__()
+        first = await next_event()
     except StopAsyncIteration:
         first = ""
     except BaseException:
@@ -107,7 +120,11 @@ async def sse_response(
             if first:
                 yield first
             try:
-                async for event in events:
+                while True:
+                    try:
+                        event = await next_event()
+                    except StopAsyncIteration:
+                        break
                     yield event
             except errors.ClientDisconnected:
                 request.app.state.errors.disconnected(request)

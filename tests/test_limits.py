@@ -1,0 +1,195 @@
+"""Limits, overload, deadlines, API keys and graceful shutdown (issue 6), on real servers."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import tritonclient.http as triton
+from tritonclient.utils import InferenceServerException
+
+from tests.conftest import start_server, stop_server
+from tests.contract import assert_error
+
+LONG_GEN = {"prompt": "hi", "max_tokens": 250, "ignore_eos": True}
+
+
+def stream_first_chunk(url: str, body: dict, holder: dict, release: threading.Event) -> None:
+    """Open a stream, read one event, keep it open until ``release`` is set, then read the rest."""
+    with httpx.stream("POST", url, json=body, timeout=300) as resp:
+        holder["status"] = resp.status_code
+        lines = resp.iter_lines()
+        holder["first"] = next(line for line in lines if line.startswith("data: "))
+        holder["started"].set()
+        release.wait(120)
+        holder["rest"] = [line for line in lines if line.startswith("data: ")]
+
+
+# ------------------------------------------------------------------ overloaded
+def test_overloaded_beyond_concurrency_and_queue(server_factory):
+    server = server_factory("llama", "--backend", "huggingface", "--max_concurrent_requests", "1", "--max_queue_size", "0",
+                            name="llama_one")
+    holder = {"started": threading.Event()}
+    release = threading.Event()
+    body = {"model": "llama_one", **LONG_GEN, "stream": True}
+    t = threading.Thread(target=stream_first_chunk, args=(f"{server.openai_url}/completions", body, holder, release))
+    t.start()
+    try:
+        assert holder["started"].wait(60)
+        for path, req in [
+            ("/openai/v1/completions", {"model": "llama_one", "prompt": "x", "max_tokens": 2}),
+            ("/v1/models/llama_one:predict", {"instances": ["x"]}),
+            ("/v2/models/llama_one/generate", {"text_input": "x"}),
+        ]:
+            resp = httpx.post(f"{server.url}{path}", json=req, timeout=30)
+            msg = assert_error(resp, "overloaded", param=None)
+            assert "1 concurrent" in msg
+        # health, readiness and metrics are not model work: they still answer
+        assert httpx.get(f"{server.url}/v2/health/ready", timeout=10).status_code == 200
+        assert httpx.get(f"{server.url}/metrics", timeout=10).status_code == 200
+    finally:
+        release.set()
+        t.join(120)
+    assert holder["rest"][-1] == "data: [DONE]"
+    # the slot is free again
+    ok = httpx.post(f"{server.openai_url}/completions", json={"model": "llama_one", "prompt": "x", "max_tokens": 2}, timeout=60)
+    assert ok.status_code == 200
+
+
+def test_queued_request_waits_for_a_slot(server_factory):
+    server = server_factory("llama", "--backend", "huggingface", "--max_concurrent_requests", "1", "--max_queue_size", "4",
+                            name="llama_queue")
+    results = []
+
+    def call():
+        results.append(
+            httpx.post(f"{server.openai_url}/completions", json={"model": "llama_queue", "prompt": "x", "max_tokens": 20,
+                                                                  "ignore_eos": True}, timeout=120)
+        )
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert [r.status_code for r in results] == [200] * 4
+
+
+# --------------------------------------------------------------------- timeout
+def test_timeout_on_every_family_and_work_is_cancelled(server_factory):
+    server = server_factory("llama", "--backend", "huggingface", "--request_timeout_seconds", "0.5",
+                            "--max_concurrent_requests", "1", name="llama_deadline")
+    cases = [
+        ("/openai/v1/completions", {"model": "llama_deadline", **LONG_GEN}),
+        ("/openai/v1/chat/completions", {"model": "llama_deadline", "messages": [{"role": "user", "content": "hi"}],
+                                         "max_tokens": 240, "ignore_eos": True}),
+        ("/v1/models/llama_deadline:predict", {"instances": ["hi"], "parameters": {"max_tokens": 250, "ignore_eos": True}}),
+        ("/v2/models/llama_deadline/generate", {"text_input": "hi", "max_tokens": 250, "ignore_eos": True}),
+    ]
+    for path, body in cases:
+        started = time.monotonic()
+        resp = httpx.post(f"{server.url}{path}", json=body, timeout=60)
+        elapsed = time.monotonic() - started
+        msg = assert_error(resp, "timeout", param=None)
+        assert "0.5 seconds" in msg
+        assert elapsed < 5
+    # the abandoned generations were cancelled: with one slot, a short request is served at once
+    ok = httpx.post(f"{server.openai_url}/completions", json={"model": "llama_deadline", "prompt": "x", "max_tokens": 2},
+                    timeout=60)
+    assert ok.status_code == 200
+
+
+def test_timeout_mid_stream_is_reported_in_the_stream(server_factory):
+    server = server_factory("llama", "--backend", "huggingface", name="llama_hdr")
+    body = {"model": "llama_hdr", **LONG_GEN, "stream": True}
+    with httpx.stream("POST", f"{server.openai_url}/completions", json=body, headers={"x-request-timeout": "1"},
+                      timeout=60) as resp:
+        assert resp.status_code == 200
+        events = [line[6:] for line in resp.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    err = json.loads(events[-2])["error"]
+    assert err["code"] == "timeout" and err["type"] == "server_error"
+    assert len(events) > 2  # some tokens came before the deadline
+
+
+def test_timeout_header_is_validated(llama):
+    for bad in ["soon", "-1", "0", "1e9"]:
+        resp = httpx.post(f"{llama.openai_url}/completions", json={"model": "llama", "prompt": "x"},
+                          headers={"x-request-timeout": bad}, timeout=30)
+        assert_error(resp, "invalid_request", param=None)
+
+
+# --------------------------------------------------------------------- api key
+@pytest.fixture(scope="module")
+def keyed(server_factory):
+    return server_factory("bert_cls", "--api_key", "s3cret-key", name="keyed")
+
+
+def test_api_key_protects_model_routes(keyed):
+    good = {"Authorization": "Bearer s3cret-key"}
+    for headers in [None, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-key"}]:
+        for method, path, body in [
+            ("POST", "/v1/models/keyed:predict", {"instances": ["x"]}),
+            ("POST", "/v2/models/keyed/infer", {"inputs": [{"name": "i", "shape": [1], "datatype": "BYTES", "data": ["x"]}]}),
+            ("GET", "/v2/models/keyed", None),
+            ("POST", "/openai/v1/embeddings", {"model": "keyed", "input": "x"}),
+            ("GET", "/openai/v1/models", None),
+        ]:
+            resp = httpx.request(method, f"{keyed.url}{path}", json=body, headers=headers, timeout=30)
+            msg = assert_error(resp, "invalid_api_key", param=None)
+            assert "s3cret" not in msg
+    ok = httpx.post(f"{keyed.url}/v1/models/keyed:predict", json={"instances": ["x"]}, headers=good, timeout=30)
+    assert ok.status_code == 200
+    for path in ["/", "/metrics", "/v2/health/live", "/v2/health/ready", "/v2/models/keyed/ready", "/v1/models/keyed"]:
+        assert httpx.get(f"{keyed.url}{path}", timeout=30).status_code == 200, path
+    assert "s3cret-key" not in keyed.log()
+
+
+def test_api_key_with_real_clients(keyed):
+    c = openai.OpenAI(base_url=keyed.openai_url, api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as exc:
+        c.models.list()
+    assert exc.value.code == "invalid_api_key"
+    c = openai.OpenAI(base_url=keyed.openai_url, api_key="s3cret-key", max_retries=0)
+    assert [m.id for m in c.models.list().data] == ["keyed"]
+    t = triton.InferenceServerClient(keyed.http_host)
+    inp = triton.InferInput("input-0", [1], "BYTES")
+    inp.set_data_from_numpy(np.array([b"x"], dtype=np.object_))
+    with pytest.raises(InferenceServerException) as e:
+        t.infer("keyed", [inp])
+    assert e.value.status() == "401"
+    assert t.infer("keyed", [inp], headers={"Authorization": "Bearer s3cret-key"}).as_numpy("output-0").shape == (1,)
+
+
+# ------------------------------------------------------------ graceful shutdown
+def test_sigterm_drains_in_flight_streams_then_exits_zero(models, log_dir):
+    server = start_server(models["llama"], "draining", log_dir, "--backend", "huggingface", "--shutdown_grace_seconds", "60")
+    holder = {"started": threading.Event()}
+    release = threading.Event()
+    body = {"model": "draining", "prompt": "hi", "max_tokens": 120, "ignore_eos": True, "stream": True}
+    t = threading.Thread(target=stream_first_chunk, args=(f"{server.openai_url}/completions", body, holder, release))
+    t.start()
+    try:
+        assert holder["started"].wait(60)
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        ready = httpx.get(f"{server.url}/v2/health/ready", timeout=10)
+        assert_error(ready, "model_not_ready", param=None)
+        new = httpx.post(f"{server.openai_url}/completions", json={"model": "draining", "prompt": "x"}, timeout=10)
+        assert_error(new, "model_not_ready", param=None)
+        assert server.proc.poll() is None  # still serving the stream
+    finally:
+        release.set()
+        t.join(120)
+    assert holder["status"] == 200
+    assert holder["rest"][-1] == "data: [DONE]"
+    chunks = [json.loads(x[6:]) for x in holder["rest"][:-1]]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert server.proc.wait(60) == 0
+    stop_server(server)
