@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import errors
 from .api import kserve_v1, kserve_v2, openai
-from .api.routing import CLIENT_CLOSED, request_id
+from .api.routing import CLIENT_CLOSED, request_id, tidy_openapi
 from .limits import Admission
 from .metrics import Metrics
 from .middleware import ContractMiddleware
@@ -153,6 +153,15 @@ def create_app(service: ModelService, config: AppConfig | None = None) -> FastAP
     app.include_router(kserve_v2.router)
     app.include_router(openai.router, prefix=f"{prefix}/v1")
     app.include_router(kserve_v2.root_router)
+
+    generate_openapi = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = tidy_openapi(generate_openapi())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     app.add_middleware(
         ContractMiddleware,

@@ -42,6 +42,27 @@ class ContractRoute(APIRoute):
         return contract_handler
 
 
+def tidy_openapi(doc: dict[str, Any]) -> dict[str, Any]:
+    """Make the generated OpenAPI document true to what the server does.
+
+    Bodies documented with :func:`json_schema_body` carry their nested models in
+    ``$defs``; they move to ``components/schemas`` where their ``$ref``s point. FastAPI's
+    422 responses are removed: validation failures are 400 ``invalid_request`` here.
+    """
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    for path_item in doc.get("paths", {}).values():
+        for operation in path_item.values():
+            if not isinstance(operation, dict):
+                continue
+            operation.get("responses", {}).pop("422", None)
+            body = operation.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema")
+            if isinstance(body, dict):
+                schemas.update(body.pop("$defs", {}))
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    return doc
+
+
 def request_id(request: Request) -> str:
     return request.scope.get("state", {}).get("request_id") or "unknown"
 
