@@ -30,6 +30,8 @@ class FaultyBackend(HuggingFaceBackend):
         text = self.tokenizer.decode(prompt_ids)
         if "FAIL_BEFORE" in text:
             raise RuntimeError("exploded in /secret/backend.py")
+        if "HANG" in text:
+            await asyncio.Event().wait()  # never answers
         steps = 0
         async for item in super().generate(prompt_ids, params, request_id):
             yield item
@@ -71,6 +73,21 @@ def test_internal_error_before_first_token_on_every_family(faulty):
         assert msg == f"Internal server error (request id {resp.headers['x-request-id']})"
         # ... and the server keeps serving
         ok = httpx.post(f"{faulty}/openai/v1/completions", json={"model": "faulty", "prompt": "hi", "max_tokens": 2}, timeout=60)
+        assert ok.status_code == 200
+
+
+def test_hanging_backend_times_out_on_every_family(faulty):
+    cases = [
+        ("/openai/v1/completions", {"model": "faulty", "prompt": "HANG"}),
+        ("/openai/v1/chat/completions", {"model": "faulty", "messages": [{"role": "user", "content": "HANG"}], "stream": True}),
+        ("/v1/models/faulty:predict", {"instances": ["HANG"]}),
+        ("/v2/models/faulty/generate_stream", {"text_input": "HANG"}),
+        ("/v2/models/faulty/infer", {"inputs": [{"name": "input-0", "shape": [1], "datatype": "BYTES", "data": ["HANG"]}]}),
+    ]
+    for path, body in cases:
+        resp = httpx.post(f"{faulty}{path}", json=body, headers={"x-request-timeout": "0.5"}, timeout=30)
+        assert_error(resp, "timeout", param=None)
+        ok = httpx.post(f"{faulty}/v1/models/faulty:predict", json={"instances": ["hi"], "parameters": {"max_tokens": 2}}, timeout=60)
         assert ok.status_code == 200
 
 
