@@ -67,6 +67,9 @@ class Server:
                 access_log=False,
                 lifespan="off",
                 timeout_graceful_shutdown=30,
+                # longer than the idle timeout of clients and load balancers (60 s is common), so a
+                # client never sends a request on a connection the server is closing at that moment
+                timeout_keep_alive=75,
             )
         )
         self.grpc: Any = None
