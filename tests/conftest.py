@@ -8,6 +8,7 @@ clients: the ``openai`` SDK, ``tritonclient`` and httpx.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import pathlib
 import signal
@@ -165,9 +166,43 @@ def server_factory(models, log_dir) -> Iterator:
         stop_server(handle)
 
 
+VLLM_INSTALLED = importlib.util.find_spec("vllm") is not None
+needs_vllm = [pytest.mark.vllm, pytest.mark.skipif(not VLLM_INSTALLED, reason="vLLM is not installed")]
+VLLM_MAX_NUM_SEQS = 8
+
+
 @pytest.fixture(scope="session")
-def llama(server_factory) -> ServerHandle:
+def llama_hf(server_factory) -> ServerHandle:
     return server_factory("llama", "--backend", "huggingface")
+
+
+@pytest.fixture(scope="session")
+def llama(llama_hf) -> ServerHandle:
+    """The tiny Llama on the transformers backend (test modules may override it to cover both)."""
+    return llama_hf
+
+
+@pytest.fixture(scope="session")
+def llama_vllm(server_factory) -> ServerHandle:
+    """The same tiny Llama, served under the same name, on the vLLM backend (one engine per session)."""
+    if not VLLM_INSTALLED:
+        pytest.skip("vLLM is not installed")
+    return server_factory(
+        "llama", "--backend", "vllm", "--max_model_len", "256", "--max_num_seqs", str(VLLM_MAX_NUM_SEQS), name="llama"
+    )
+
+
+@pytest.fixture(scope="session")
+def minilm_vllm(server_factory) -> ServerHandle:
+    if not VLLM_INSTALLED:
+        pytest.skip("vLLM is not installed")
+    return server_factory("minilm", "--backend", "vllm", "--max_num_seqs", str(VLLM_MAX_NUM_SEQS), name="minilm")
+
+
+@pytest.fixture(params=["huggingface", pytest.param("vllm", marks=needs_vllm)])
+def llama_any(request) -> ServerHandle:
+    """The tiny Llama on each backend in turn: the same test must pass on both."""
+    return request.getfixturevalue("llama_hf" if request.param == "huggingface" else "llama_vllm")
 
 
 @pytest.fixture(scope="session")

@@ -85,7 +85,7 @@ class Deadline:
 
     def error(self) -> errors.Timeout:
         return errors.Timeout(
-            f"The request did not finish within its deadline of {self.seconds:g} seconds; "
+            f"The request did not finish within its deadline of {self.seconds:.3g} seconds; "
             f"raise it with the {TIMEOUT_HEADER} header or ask for less work (fewer tokens)"
         )
 

@@ -179,6 +179,8 @@ class ModelService:
     ) -> AsyncIterator[list[SequenceDelta]]:
         """Stream deltas; only contract errors come out."""
         self.check_ready()
+        if params.stop_token_ids:
+            self.check_token_ids(params.stop_token_ids, "stop_token_ids")
         stream = self.backend.generate(prompt_ids, params, request_id)
         try:
             while True:

@@ -1,0 +1,544 @@
+"""The vLLM backend: text generation and text embedding on a vLLM ``AsyncLLM`` engine.
+
+Same semantics as the Hugging Face backend (see ``huggingface.py``): the same
+tokenizer (loaded with transformers, so chat templates and tokenization are
+identical), the same :class:`SequenceDelta` stream (stop strings cut from the
+text, ``finish_reason`` "stop"/"length", raw log-probabilities with the top
+alternatives, prompt log-probabilities on each sequence's first delta), the same
+embedding pooling. vLLM's own exceptions are translated in one place,
+:meth:`VLLMBackend.map_exceptions`.
+
+vLLM is imported lazily: importing this module costs nothing until
+:func:`supports` or :meth:`VLLMBackend.start` runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import itertools
+import json
+import logging
+import re
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .. import errors
+from ..tasks import Task, TaskInferenceError, infer_task, sentence_transformers_pooling
+from .base import Backend, Capabilities, SamplingParams, SequenceDelta, TokenLogprob
+
+if TYPE_CHECKING:
+    from ..cli import Settings
+
+logger = logging.getLogger("hfserve.backends.vllm")
+
+SUPPORTED_TASKS = (Task.text_generation, Task.text_embedding)
+
+_DTYPES = {"float": "float32", "fp32": "float32", "half": "float16", "fp16": "float16", "bf16": "bfloat16"}
+
+#: sentence-transformers pooling modes (as the HF backend reads them) -> vLLM's sequence pooling types
+_POOLING = {"mean": "MEAN", "cls": "CLS", "lasttoken": "LAST"}
+
+#: vLLM's message for a prompt that does not fit: "The decoder prompt (length 300) is longer than ... of 256."
+_PROMPT_TOO_LONG = re.compile(r"prompt \(length (\d+)\).*maximum model length of (\d+)", re.S)
+_CLASS_REPR = re.compile(r"<class '(?:[\w.]+\.)?(\w+)'>")
+
+
+class _InvalidSampling(ValueError):
+    """vLLM refused the sampling parameters with a plain ValueError (mapped to invalid_request)."""
+
+
+# ------------------------------------------------------------------ support
+def _model_config(settings: Settings) -> dict[str, Any] | None:
+    """The model's config.json as a dict (local directory, else through transformers)."""
+    if settings.local_dir is not None:
+        path = Path(settings.local_dir) / "config.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+    try:
+        import transformers
+
+        cfg = transformers.AutoConfig.from_pretrained(
+            settings.model,
+            revision=settings.args.model_revision,
+            trust_remote_code=settings.args.trust_remote_code,
+        )
+    except Exception:  # noqa: BLE001 - any failure means "cannot tell"; the HF backend reports it
+        return None
+    return cfg.to_dict()
+
+
+def _head_dim(config: dict[str, Any]) -> int | None:
+    cfg = config.get("text_config") or config
+    head_dim = cfg.get("head_dim")
+    if isinstance(head_dim, int) and head_dim > 0:
+        return head_dim
+    hidden, heads = cfg.get("hidden_size"), cfg.get("num_attention_heads")
+    if isinstance(hidden, int) and isinstance(heads, int) and heads > 0:
+        return hidden // heads
+    return None
+
+
+def _on_cpu() -> bool:
+    try:
+        from vllm.platforms import current_platform
+
+        return bool(current_platform.is_cpu())
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def _pooling(settings: Settings) -> tuple[str, bool]:
+    """The pooling the HF backend would use for this model."""
+    local = Path(settings.local_dir) if settings.local_dir is not None else None
+    return sentence_transformers_pooling(local) or ("mean", True)
+
+
+def supports(settings: Settings) -> tuple[bool, str]:
+    """Whether vLLM can serve this model (without starting an engine), and why (not).
+
+    The task is checked before vLLM is imported (importing it takes seconds), so
+    ``--backend auto`` costs nothing for models only the HF backend serves.
+    """
+    config = _model_config(settings)
+    if config is None:
+        return False, f"cannot read the model config of {settings.model}"
+    archs = [a for a in (config.get("architectures") or []) if isinstance(a, str)]
+    task = settings.task
+    if task is None:
+        try:
+            task = infer_task(archs, Path(settings.local_dir) if settings.local_dir is not None else None)
+        except TaskInferenceError as exc:
+            return False, str(exc)
+    if task not in SUPPORTED_TASKS:
+        return False, f"the vLLM backend serves text generation and text embedding, not {task.label}"
+    if not archs:
+        return False, "the model config names no architecture"
+    if task is Task.text_embedding:
+        mode, _ = _pooling(settings)
+        if mode not in _POOLING:
+            return False, f"vLLM has no {mode} pooling (the model's sentence-transformers pooling)"
+    try:
+        from vllm import ModelRegistry
+    except Exception as exc:  # noqa: BLE001 - a broken install is "not supported"
+        return False, f"vLLM cannot be imported ({type(exc).__name__}: {exc})"
+    known = ModelRegistry.get_supported_archs()
+    supported = [a for a in archs if a in known]
+    if not supported:
+        return False, f"vLLM does not support the architecture {', '.join(archs)}"
+    if _on_cpu():
+        try:
+            from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+            sizes = CPUAttentionBackend.get_supported_head_sizes()
+        except Exception:  # noqa: BLE001 - layout changed: let the engine decide
+            sizes = None
+        head_dim = _head_dim(config)
+        if sizes and head_dim is not None and head_dim not in sizes:
+            return False, f"vLLM's CPU attention does not support head size {head_dim} (supported: {sizes})"
+    return True, f"vLLM supports {supported[0]} for {task.label}"
+
+
+# ------------------------------------------------------------------ backend
+class VLLMBackend(Backend):
+    name = "vllm"
+
+    def __init__(self, settings: Settings):
+        super().__init__()
+        self.settings = settings
+        self.engine: Any = None
+        self.eos_token_ids: set[int] = set()
+        self.pooling: tuple[str, bool] = ("mean", True)
+        self._dead = False
+        self._load_future: asyncio.Future[Any] | None = None
+        self._ids = itertools.count()
+        self._token_text: dict[int, str] = {}
+
+    # ------------------------------------------------------------------ load
+    def _engine_args(self) -> Any:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+
+        args = self.settings.args
+        cpu = _on_cpu()
+        kwargs: dict[str, Any] = {
+            "model": str(self.settings.model),
+            "revision": args.model_revision,
+            "tokenizer_revision": args.tokenizer_revision or args.model_revision,
+            "dtype": self._dtype(cpu),
+            "max_model_len": args.max_model_len,
+            "trust_remote_code": args.trust_remote_code,
+            "tensor_parallel_size": args.tensor_parallel_size,
+            "gpu_memory_utilization": args.gpu_memory_utilization,
+            "max_num_seqs": args.max_num_seqs,
+            # CUDA graphs / torch.compile do not apply on CPU, and compiling costs minutes
+            "enforce_eager": bool(args.enforce_eager or cpu),
+            "max_logprobs": args.max_logprobs,
+            "disable_log_stats": True,
+        }
+        if self.task is Task.text_embedding:
+            from vllm.config.pooler import PoolerConfig
+
+            mode, normalize = self.pooling
+            kwargs["runner"] = "pooling"
+            kwargs["pooler_config"] = PoolerConfig(seq_pooling_type=_POOLING[mode], use_activation=normalize)
+        else:
+            kwargs["runner"] = "generate"
+        return AsyncEngineArgs(**kwargs)
+
+    def _dtype(self, cpu: bool) -> str:
+        """Like the HF backend: auto is float32 on CPU, the config's half type (else float16) on GPU."""
+        name = (self.settings.args.dtype or "auto").lower()
+        if name != "auto":
+            return _DTYPES.get(name, name)
+        if cpu:
+            return "float32"
+        config = _model_config(self.settings) or {}
+        cfg_dtype = str(config.get("dtype") or config.get("torch_dtype") or "")
+        return cfg_dtype if cfg_dtype in ("float16", "bfloat16") else "float16"
+
+    def _load(self) -> None:
+        import transformers
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        settings, args = self.settings, self.settings.args
+        local = Path(settings.local_dir) if settings.local_dir is not None else None
+        task = settings.task
+        if task is None:
+            config = _model_config(settings) or {}
+            task = infer_task(config.get("architectures"), local)
+        self.task = task
+        if task is Task.text_embedding:
+            self.pooling = _pooling(settings)
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(
+            settings.model,
+            revision=args.tokenizer_revision or args.model_revision,
+            trust_remote_code=args.trust_remote_code,
+        )
+        engine_args = self._engine_args()
+        logger.info("starting the vLLM engine for %s (%s)", settings.model, task.value)
+        self.engine = AsyncLLM.from_engine_args(engine_args)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        # the engine start blocks for a while (subprocess, weights, KV cache): keep the loop serving health checks
+        self._load_future = loop.run_in_executor(None, self._load)
+        await asyncio.shield(self._load_future)
+        engine = self.engine
+        model_config = engine.model_config
+        self.max_model_len = int(model_config.max_model_len)
+        supported = await engine.get_supported_tasks()  # also starts the engine's output handling on this loop
+        wanted = "embed" if self.task is Task.text_embedding else "generate"
+        if wanted not in supported:
+            raise errors.UnsupportedTask(
+                f"vLLM cannot run {self.task.label} with this model (it supports: {', '.join(supported) or 'nothing'})"
+            )
+        max_logprobs = int(model_config.max_logprobs)
+        if max_logprobs < 0:  # -1: the whole vocabulary
+            max_logprobs = int(model_config.get_vocab_size())
+        max_n = int(engine.vllm_config.scheduler_config.max_num_seqs)
+        self.capabilities = Capabilities(
+            max_logprobs=max_logprobs,
+            max_n=max(1, max_n),
+            penalties=True,
+            prompt_logprobs=True,
+            min_tokens=True,
+        )
+        hf_config = model_config.hf_config
+        self.labels = {int(k): str(v) for k, v in (getattr(hf_config, "id2label", None) or {}).items()}
+        eos: set[int] = set()
+        gen_eos = (model_config.try_get_generation_config() or {}).get("eos_token_id")
+        for value in (gen_eos, getattr(self.tokenizer, "eos_token_id", None)):
+            if isinstance(value, int):
+                eos.add(value)
+            elif isinstance(value, (list, tuple)):
+                eos.update(int(v) for v in value)
+        self.eos_token_ids = eos
+        logger.info(
+            "vLLM engine ready: %s for %s as %s, max_model_len %d, max_num_seqs %d, max_logprobs %d",
+            self.settings.model,
+            self.task.value,
+            model_config.dtype,
+            self.max_model_len,
+            max_n,
+            max_logprobs,
+        )
+
+    async def stop(self) -> None:
+        if self._load_future is not None and not self._load_future.done():
+            # shutting down while loading: let the load finish, then shut the engine down
+            with contextlib.suppress(BaseException):
+                await asyncio.wait_for(asyncio.shield(self._load_future), timeout=120)
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            with contextlib.suppress(Exception):
+                engine.shutdown()
+
+    def healthy(self) -> bool:
+        if self._dead:
+            return False
+        engine = self.engine
+        if engine is not None and engine.errored:
+            self._dead = True
+            logger.error("the vLLM engine has died; the model is no longer served")
+            return False
+        return True
+
+    # ------------------------------------------------------------ boundary
+    @contextlib.contextmanager
+    def map_exceptions(self, request_id: str | None = None) -> Iterator[None]:
+        """vLLM (and tokenizer) exceptions -> contract classes. The only place vLLM's exception types are known."""
+        try:
+            yield
+        except errors.HFServeError:
+            raise
+        except (asyncio.CancelledError, GeneratorExit, errors.ClientDisconnected):
+            raise
+        except Exception as exc:  # noqa: BLE001 - this is the translation point
+            raise self._translate(exc, request_id) from exc
+
+    def _translate(self, exc: Exception, request_id: str | None) -> errors.HFServeError:
+        rid = request_id or "-"
+        try:
+            from vllm import exceptions as vexc
+            from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+        except ImportError:  # pragma: no cover - vLLM vanished under us
+            return errors.classify(exc, request_id)
+
+        if isinstance(exc, EngineDeadError):
+            self._dead = True
+            logger.error("request %s: the vLLM engine has died", rid, exc_info=exc)
+            return errors.ModelNotReady("The model's engine has stopped; retry on another replica", retry_after=10)
+        if isinstance(exc, EngineGenerateError):
+            # vLLM wraps any unexpected failure of one request in this; the engine itself may be fine
+            engine = self.engine
+            if engine is None or engine.errored:
+                self._dead = True
+                logger.error("request %s: the vLLM engine failed and has stopped", rid, exc_info=exc)
+                return errors.ModelNotReady("The model's engine has stopped; retry on another replica", retry_after=10)
+            return errors.classify(exc.__cause__ or exc, request_id)
+        if isinstance(exc, vexc.VLLMValidationError | vexc.VLLMUnprocessableEntityError):
+            message = _clean(exc.args[0] if exc.args else str(exc))
+            too_long = _PROMPT_TOO_LONG.search(message)
+            if too_long:
+                length, limit = int(too_long.group(1)), int(too_long.group(2))
+                return errors.ContextLengthExceeded(
+                    f"The prompt is {length} tokens long, which leaves no room to generate within the model's "
+                    f"context length of {limit} tokens; shorten the prompt",
+                    param="prompt",
+                )
+            logger.info("request %s: vLLM rejected the request: %s", rid, exc)
+            return errors.InvalidRequest(message or "invalid request", param=exc.parameter)
+        if isinstance(exc, vexc.VLLMNotFoundError):
+            return errors.ModelNotFound(_clean(str(exc)) or "not found")
+        if isinstance(exc, vexc.VLLMClientError):
+            logger.info("request %s: vLLM rejected the request: %s", rid, exc)
+            return errors.InvalidRequest(_clean(str(exc)) or "invalid request")
+        if isinstance(exc, _InvalidSampling):
+            return errors.InvalidRequest(_clean(str(exc)) or "invalid sampling parameters")
+        if isinstance(exc, vexc.RetryableRequestError):
+            logger.warning("request %s: vLLM asks to retry: %s", rid, exc)
+            return errors.Overloaded("The engine could not run this request now; retry shortly")
+        if isinstance(exc, vexc.GracefulHTTPError):
+            status = int(getattr(exc, "http_status", 500))
+            logger.warning("request %s: vLLM refused the request (%d): %s", rid, status, exc)
+            if status in (429, 503):
+                return errors.Overloaded("The engine is busy and cannot accept more requests; retry later")
+            return errors.classify(exc, request_id)
+        # VLLMServerError, GenerationError and anything unexpected: logged once, generic 500
+        return errors.classify(exc, request_id)
+
+    # ----------------------------------------------------------- generation
+    def _internal_id(self, request_id: str) -> str:
+        # the same hfserve request id can run several prompts (and n copies for greedy n > 1)
+        return f"{request_id}-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
+
+    def _vllm_params(self, params: SamplingParams, n: int) -> Any:
+        from vllm.sampling_params import RequestOutputKind
+        from vllm.sampling_params import SamplingParams as VSamplingParams
+
+        try:
+            return VSamplingParams(
+                n=n,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                top_k=params.top_k if params.top_k and params.top_k > 0 else 0,
+                seed=params.seed if not params.greedy else None,
+                stop=list(params.stop),
+                stop_token_ids=list(params.stop_token_ids),
+                ignore_eos=params.ignore_eos,
+                max_tokens=params.max_tokens,
+                min_tokens=params.min_tokens,
+                logprobs=params.logprobs,
+                prompt_logprobs=params.prompt_logprobs,
+                presence_penalty=params.presence_penalty,
+                frequency_penalty=params.frequency_penalty,
+                repetition_penalty=params.repetition_penalty,
+                skip_special_tokens=True,
+                output_kind=RequestOutputKind.DELTA,
+            )
+        except ValueError as exc:
+            from vllm.exceptions import VLLMError
+
+            if isinstance(exc, VLLMError):
+                raise
+            raise _InvalidSampling(str(exc)) from exc
+
+    def _token_str(self, token_id: int) -> str:
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([token_id])
+            self._token_text[token_id] = text
+        return text
+
+    def _entry(self, token_id: int, candidates: dict[int, Any], k: int) -> TokenLogprob:
+        """One position's logprobs: vLLM gives the chosen token plus the k most likely, with ranks."""
+        chosen = candidates.get(token_id)
+        top: list[tuple[int, str, float]] = []
+        if k > 0:
+            ranked = sorted(candidates.items(), key=lambda item: (item[1].rank or 0, -item[1].logprob))
+            top = [(int(tid), self._token_str(int(tid)), float(lp.logprob)) for tid, lp in ranked[:k]]
+        logprob = float(chosen.logprob) if chosen is not None else float("-inf")
+        return TokenLogprob(int(token_id), self._token_str(int(token_id)), logprob, top)
+
+    def _prompt_entries(self, prompt_ids: list[int], plps: Any, k: int) -> list[TokenLogprob | None]:
+        entries: list[TokenLogprob | None] = [None]
+        for tid, cands in zip(prompt_ids[1:], list(plps)[1:]):
+            entries.append(self._entry(tid, cands or {}, k) if cands is not None else None)
+        return entries
+
+    def _finish(self, completion: Any, params: SamplingParams) -> tuple[str | None, str | int | None]:
+        reason = completion.finish_reason
+        if reason is None:
+            return None, None
+        if reason == "length":
+            return "length", None
+        if reason == "stop":
+            stop_reason = completion.stop_reason
+            if isinstance(stop_reason, int) and stop_reason not in params.stop_token_ids:
+                stop_reason = None  # an end-of-sequence token (vLLM lists the config's extra EOS ids as stop ids)
+            return "stop", stop_reason
+        from vllm.exceptions import GenerationError
+
+        raise GenerationError(f"vLLM finished the sequence with reason {reason!r}")
+
+    def _tail(self, sent: str, token_ids: list[int], delta: SequenceDelta, params: SamplingParams) -> str:
+        """Text vLLM's incremental detokenizer held back at the end (an unfinished multi-byte
+        character); the HF backend sends it (as U+FFFD), so this one does too."""
+        if delta.finish_reason == "stop" and isinstance(delta.stop_reason, str):
+            return ""  # cut at the stop string: nothing was held back
+        if delta.finish_reason == "stop" and token_ids:
+            token_ids = token_ids[:-1]  # the EOS / stop token itself is not text
+        full = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        if len(full) > len(sent) and full.startswith(sent):
+            return full[len(sent) :]
+        return ""
+
+    async def generate(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[list[SequenceDelta]]:
+        from vllm.inputs.engine import tokens_input
+
+        engine = self.engine
+        if engine is None:
+            raise errors.ModelNotReady("The model is not loaded", retry_after=5)
+        # vLLM refuses n > 1 with greedy sampling; every greedy sequence is the same, so run one and copy it
+        copies = params.n if params.greedy and params.n > 1 else 1
+        vparams = self._vllm_params(params, params.n // copies)
+        internal_id = self._internal_id(request_id)
+        k = params.logprobs or 0
+        pk = params.prompt_logprobs or 0
+        prompt_entries: list[TokenLogprob | None] | None = None
+        started: set[int] = set()
+        finished: set[int] = set()
+        texts: dict[int, str] = {}
+        generated: dict[int, list[int]] = {}
+        stream = engine.generate(tokens_input(list(prompt_ids)), vparams, internal_id)
+        closed_early = True  # until the stream ends or fails
+        try:
+            async for out in stream:
+                if params.prompt_logprobs is not None and prompt_entries is None and out.prompt_logprobs:
+                    prompt_entries = self._prompt_entries(prompt_ids, out.prompt_logprobs, pk)
+                deltas: list[SequenceDelta] = []
+                for completion in out.outputs:
+                    token_ids = [int(t) for t in completion.token_ids]
+                    delta = SequenceDelta(index=completion.index, text=completion.text, token_ids=token_ids)
+                    if params.logprobs is not None:
+                        delta.logprobs = [
+                            self._entry(tid, cands or {}, k) for tid, cands in zip(token_ids, completion.logprobs or [])
+                        ]
+                    delta.finish_reason, delta.stop_reason = self._finish(completion, params)
+                    texts[delta.index] = texts.get(delta.index, "") + delta.text
+                    generated.setdefault(delta.index, []).extend(token_ids)
+                    if delta.finish_reason:
+                        delta.text += self._tail(texts[delta.index], generated[delta.index], delta, params)
+                    if not token_ids and not delta.text and delta.finish_reason is None:
+                        continue
+                    deltas.append(delta)
+                if copies > 1:
+                    deltas = [
+                        copy.deepcopy(d) if i else d for d in deltas for i in range(copies)
+                    ]
+                    for j, d in enumerate(deltas):
+                        d.index = j % copies
+                for d in deltas:
+                    if d.index not in started:
+                        started.add(d.index)
+                        if prompt_entries is not None:
+                            d.prompt_logprobs = prompt_entries
+                    if d.finish_reason:
+                        finished.add(d.index)
+                if deltas:
+                    yield deltas
+            closed_early = False
+        except Exception:
+            closed_early = False
+            raise
+        finally:
+            # closing vLLM's generator aborts the request in the engine; abort again by id in case
+            # it had not started iterating (harmless for a finished or unknown request)
+            try:
+                await stream.aclose()
+            finally:
+                if closed_early and len(finished) < params.n and self.engine is not None and not self.engine.errored:
+                    with contextlib.suppress(Exception):
+                        await self.engine.abort(internal_id)
+                    logger.info("request %s: client gone, aborted vLLM request %s", request_id, internal_id)
+
+    # ---------------------------------------------------------- encoder tasks
+    async def _encode_one(self, ids: list[int]) -> list[float]:
+        from vllm.inputs.engine import tokens_input
+        from vllm.pooling_params import PoolingParams
+
+        _, normalize = self.pooling
+        internal_id = self._internal_id("embed")
+        final = None
+        async for out in self.engine.encode(
+            tokens_input(list(ids)), PoolingParams(task="embed", use_activation=normalize), internal_id
+        ):
+            final = out
+        if final is None:
+            from vllm.exceptions import GenerationError
+
+            raise GenerationError("vLLM returned no embedding")
+        return [float(x) for x in final.outputs.data.float().tolist()]
+
+    async def embed(self, inputs: list[list[int]]) -> list[list[float]]:
+        if self.engine is None:
+            raise errors.ModelNotReady("The model is not loaded", retry_after=5)
+        tasks = [asyncio.ensure_future(self._encode_one(ids)) for ids in inputs]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for t in tasks:
+                t.cancel()
+
+
+def _clean(message: str) -> str:
+    """A vLLM message made fit for a client: no class reprs, no code quoting."""
+    message = _CLASS_REPR.sub(r"\1", str(message))
+    return message.replace("`", "").strip()
