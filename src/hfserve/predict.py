@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from . import errors
-from .sampling import SamplingOptions, build_params
+from .sampling import SamplingOptions
 from .service import ModelService, argmax, softmax
 from .tasks import Task
 from .validation import validate
@@ -147,11 +147,9 @@ async def _generate(
         raise errors.UnsupportedParameter("n must be 1 on this route; use the OpenAI routes for n > 1", param="parameters.n")
     prompts = [service.tokenize(t) for t in texts]
     params = [
-        build_params(
+        service.sampling_params(
             opts,
-            prompt_tokens=len(ids),
-            max_model_len=service.backend.max_model_len,
-            capabilities=service.backend.capabilities,
+            len(ids),
             default_max_tokens=None,
             max_tokens_param="parameters.max_tokens",
         )

@@ -19,6 +19,7 @@ from typing import Any
 
 from . import chat, errors
 from .backends.base import Backend, SamplingParams, SequenceDelta, TokenLogprob
+from .sampling import SamplingOptions, build_params
 from .tasks import Task
 
 logger = logging.getLogger("hfserve.service")
@@ -174,6 +175,16 @@ class ModelService:
         return out
 
     # ------------------------------------------------------------ generation
+    def sampling_params(self, opts: SamplingOptions, prompt_tokens: int, **options: Any) -> SamplingParams:
+        """``opts`` checked against this model's context length and its backend's abilities."""
+        return build_params(
+            opts,
+            prompt_tokens=prompt_tokens,
+            max_model_len=self.backend.max_model_len,
+            capabilities=self.backend.capabilities,
+            **options,
+        )
+
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str
     ) -> AsyncIterator[list[SequenceDelta]]:

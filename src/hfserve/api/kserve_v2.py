@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .. import __version__, errors
 from ..predict import INPUT_NAME, OUTPUT_NAME, Prediction, Tensor, model_metadata, predict
-from ..sampling import SamplingOptions, build_params
+from ..sampling import SamplingOptions
 from ..service import ModelService
 from ..tasks import Task
 from ..validation import check_content_type, load_json, validate
@@ -324,11 +324,9 @@ async def _prepare_generate(request: Request, name: str, version: str | None) ->
     if opts.n != 1:
         raise errors.UnsupportedParameter("n must be 1 on the generate routes", param="parameters.n")
     prompt = service.tokenize(body.text_input)
-    params = build_params(
+    params = service.sampling_params(
         opts,
-        prompt_tokens=len(prompt),
-        max_model_len=service.backend.max_model_len,
-        capabilities=service.backend.capabilities,
+        len(prompt),
         default_max_tokens=None,
     )
     return service, body, prompt, params

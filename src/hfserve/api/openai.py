@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .. import errors
 from ..backends.base import SequenceDelta, TokenLogprob
 from ..chat import ChatMessage
-from ..sampling import SamplingOptions, build_params
+from ..sampling import SamplingOptions
 from ..service import Choice, Generation, ModelService, merge
 from ..tasks import Task
 from .routing import ContractRoute, json_schema_body, read_json, request_id, sse, sse_response, until_disconnect
@@ -152,6 +152,11 @@ def _prompts(service: ModelService, prompt: str | list[str] | list[int] | list[l
     return out
 
 
+def _check_stream_options(body: CompletionRequest | ChatCompletionRequest) -> None:
+    if body.stream_options is not None and not body.stream:
+        raise errors.InvalidRequest("stream_options is only allowed when stream is true", param="stream_options")
+
+
 def _usage(prompt_tokens: int, completion_tokens: int) -> CompletionUsage:
     return CompletionUsage(
         prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
@@ -211,16 +216,13 @@ async def create_completion(request: Request) -> Response:
         raise errors.UnsupportedParameter(
             f"best_of ({body.best_of}) different from n ({body.n}) is not supported; remove best_of", param="best_of"
         )
-    if body.stream_options is not None and not body.stream:
-        raise errors.InvalidRequest("stream_options is only allowed when stream is true", param="stream_options")
+    _check_stream_options(body)
     prompts = _prompts(service, body.prompt)
     want_prompt_lp = body.logprobs if (body.echo and body.logprobs is not None) else None
     params = [
-        build_params(
+        service.sampling_params(
             body,
-            prompt_tokens=len(ids),
-            max_model_len=service.backend.max_model_len,
-            capabilities=service.backend.capabilities,
+            len(ids),
             default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS,
             logprobs=body.logprobs,
             prompt_logprobs=want_prompt_lp,
@@ -374,8 +376,7 @@ def _check_chat_options(body: ChatCompletionRequest) -> None:
         )
     if body.top_logprobs is not None and not body.logprobs:
         raise errors.InvalidRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
-    if body.stream_options is not None and not body.stream:
-        raise errors.InvalidRequest("stream_options is only allowed when stream is true", param="stream_options")
+    _check_stream_options(body)
 
 
 @router.post("/chat/completions", openapi_extra=json_schema_body(ChatCompletionRequest), response_model=None)
@@ -394,11 +395,9 @@ async def create_chat_completion(request: Request) -> Response:
     )
     k = body.top_logprobs or 0
     max_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-    params = build_params(
+    params = service.sampling_params(
         body,
-        prompt_tokens=len(prompt_ids),
-        max_model_len=service.backend.max_model_len,
-        capabilities=service.backend.capabilities,
+        len(prompt_ids),
         default_max_tokens=None,
         logprobs=k if body.logprobs else None,
         logprobs_param="top_logprobs",
