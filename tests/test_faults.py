@@ -144,7 +144,7 @@ def test_event_loop_stays_free_during_generation(llama):
     def long_generation():
         result["resp"] = httpx.post(
             f"{llama.openai_url}/completions",
-            json={"model": "llama", "prompt": "hi", "max_tokens": 250, "ignore_eos": True},
+            json={"model": "llama", "prompt": ["hi"] * 8, "n": 8, "max_tokens": 240, "ignore_eos": True},
             timeout=300,
         )
         done.set()
@@ -158,4 +158,4 @@ def test_event_loop_stays_free_during_generation(llama):
     worker.join()
     assert ready.status_code == 200 and short.status_code == 200
     assert answered_while_running, "health and a second request had to wait for the long generation"
-    assert result["resp"].json()["usage"]["completion_tokens"] == 250
+    assert result["resp"].json()["usage"]["completion_tokens"] == 8 * 8 * 240

@@ -17,7 +17,8 @@ from tritonclient.utils import InferenceServerException
 from tests.conftest import start_server, stop_server
 from tests.contract import assert_error
 
-LONG_GEN = {"prompt": "hi", "max_tokens": 250, "ignore_eos": True}
+# ~15k tokens: long enough to still be running after a second, even with batching
+LONG_GEN = {"prompt": ["hi"] * 8, "n": 8, "max_tokens": 240, "ignore_eos": True}
 
 
 def stream_first_chunk(url: str, body: dict, holder: dict, release: threading.Event) -> None:
@@ -83,13 +84,13 @@ def test_queued_request_waits_for_a_slot(server_factory):
 
 # --------------------------------------------------------------------- timeout
 def test_timeout_on_every_family_and_work_is_cancelled(server_factory):
-    server = server_factory("llama", "--backend", "huggingface", "--request_timeout_seconds", "0.5",
+    server = server_factory("llama", "--backend", "huggingface", "--request_timeout_seconds", "0.1",
                             "--max_concurrent_requests", "1", name="llama_deadline")
     cases = [
         ("/openai/v1/completions", {"model": "llama_deadline", **LONG_GEN}),
         ("/openai/v1/chat/completions", {"model": "llama_deadline", "messages": [{"role": "user", "content": "hi"}],
-                                         "max_tokens": 240, "ignore_eos": True}),
-        ("/v1/models/llama_deadline:predict", {"instances": ["hi"], "parameters": {"max_tokens": 250, "ignore_eos": True}}),
+                                         "max_tokens": 240, "n": 8, "ignore_eos": True}),
+        ("/v1/models/llama_deadline:predict", {"instances": ["hi"] * 16, "parameters": {"max_tokens": 240, "ignore_eos": True}}),
         ("/v2/models/llama_deadline/generate", {"text_input": "hi", "max_tokens": 250, "ignore_eos": True}),
     ]
     for path, body in cases:
@@ -97,7 +98,7 @@ def test_timeout_on_every_family_and_work_is_cancelled(server_factory):
         resp = httpx.post(f"{server.url}{path}", json=body, timeout=60)
         elapsed = time.monotonic() - started
         msg = assert_error(resp, "timeout", param=None)
-        assert "0.5 seconds" in msg
+        assert "0.1 seconds" in msg
         assert elapsed < 5
     # the abandoned generations were cancelled: with one slot, a short request is served at once
     ok = httpx.post(f"{server.openai_url}/completions", json={"model": "llama_deadline", "prompt": "x", "max_tokens": 2},
@@ -172,7 +173,7 @@ def test_sigterm_drains_in_flight_streams_then_exits_zero(models, log_dir):
     server = start_server(models["llama"], "draining", log_dir, "--backend", "huggingface", "--shutdown_grace_seconds", "60")
     holder = {"started": threading.Event()}
     release = threading.Event()
-    body = {"model": "draining", "prompt": "hi", "max_tokens": 120, "ignore_eos": True, "stream": True}
+    body = {"model": "draining", **LONG_GEN, "stream": True}
     t = threading.Thread(target=stream_first_chunk, args=(f"{server.openai_url}/completions", body, holder, release))
     t.start()
     try:
@@ -190,6 +191,7 @@ def test_sigterm_drains_in_flight_streams_then_exits_zero(models, log_dir):
     assert holder["status"] == 200
     assert holder["rest"][-1] == "data: [DONE]"
     chunks = [json.loads(x[6:]) for x in holder["rest"][:-1]]
-    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    finished = [c["choices"][0]["index"] for c in chunks if c["choices"][0]["finish_reason"] == "length"]
+    assert sorted(finished) == list(range(64))  # every one of the 8 x 8 sequences ran to the end
     assert server.proc.wait(60) == 0
     stop_server(server)

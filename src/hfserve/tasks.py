@@ -98,3 +98,11 @@ def sentence_transformers_pooling(model_dir: Path | None) -> tuple[str, bool] | 
         elif kind.endswith("Normalize"):
             normalize = True
     return mode, normalize
+
+
+def sentence_transformers_max_len(model_dir: Path | None) -> int | None:
+    """``max_seq_length`` of a sentence-transformers model (where it truncates; vLLM uses it too)."""
+    if model_dir is None or not (model_dir / "sentence_bert_config.json").is_file():
+        return None
+    value = json.loads((model_dir / "sentence_bert_config.json").read_text()).get("max_seq_length")
+    return value if isinstance(value, int) and value > 0 else None

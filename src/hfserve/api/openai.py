@@ -33,7 +33,7 @@ from .. import errors
 from ..backends.base import SequenceDelta, TokenLogprob
 from ..chat import ChatMessage
 from ..sampling import SamplingOptions
-from ..service import Choice, Generation, ModelService, merge
+from ..service import Generation, ModelService, merge
 from ..tasks import Task
 from .routing import ContractRoute, json_schema_body, read_json, request_id, sse, sse_response, until_disconnect
 

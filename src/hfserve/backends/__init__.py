@@ -59,4 +59,6 @@ def create_backend(settings: Settings) -> Backend:
         max_model_len=args.max_model_len,
         trust_remote_code=args.trust_remote_code,
         max_workers=max(1, args.max_threads),
+        max_batch_size=args.max_batch_size,
+        max_batch_wait_ms=args.max_batch_wait_ms,
     )

@@ -10,11 +10,13 @@ exceptions never cross this boundary: each backend translates them, once, into
 from __future__ import annotations
 
 import abc
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import errors
 from ..tasks import Task
 
 
@@ -102,12 +104,29 @@ class Backend(abc.ABC):
         """False once the runtime has died; the server then reports not ready."""
         return True
 
-    @abc.abstractmethod
-    def map_exceptions(self, request_id: str | None = None) -> contextlib.AbstractContextManager[None]:
-        """Translate this backend's library exceptions into :mod:`hfserve.errors` classes.
+    @contextlib.contextmanager
+    def map_exceptions(self, request_id: str | None = None) -> Iterator[None]:
+        """Run a call into the backend; its library's exceptions come out as contract errors.
 
-        The one place where the runtime's exception types are known. Every call
-        from the serving layer into the backend (tokenizer included) runs inside it.
+        Every call from the serving layer into the backend (tokenizer included)
+        runs inside it. Contract errors and cancellation pass through untouched;
+        anything else goes through :meth:`translate`, once.
+        """
+        try:
+            yield
+        except errors.HFServeError:
+            raise
+        except (asyncio.CancelledError, GeneratorExit, errors.ClientDisconnected):
+            raise
+        except Exception as exc:  # noqa: BLE001 - this is the translation point
+            raise self.translate(exc, request_id) from exc
+
+    @abc.abstractmethod
+    def translate(self, exc: Exception, request_id: str | None) -> errors.HFServeError:
+        """This backend's library exception -> the contract class it belongs to.
+
+        The one place where the runtime's exception types are known; what is not
+        recognised goes to :func:`hfserve.errors.classify` (logged, internal_error).
         """
 
     # generation ------------------------------------------------------

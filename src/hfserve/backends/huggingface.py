@@ -1,25 +1,40 @@
 """The Hugging Face transformers backend.
 
 Runs any supported task with plain transformers models on CPU or GPU. Model
-work runs in worker threads, never on the event loop. Generation is a
-token-by-token decode loop with a KV cache, so that streaming, stop strings,
-``n``, log-probabilities, seeds and cancellation are all per request.
+work runs in worker threads, never on the event loop.
+
+Concurrent requests share forward passes:
+
+- encoder tasks go through a :class:`~hfserve.backends.batching.MicroBatcher`
+  (up to ``max_batch_size`` inputs per forward, waiting at most
+  ``max_batch_wait_ms``);
+- generation runs in one scheduler thread that decodes every running request
+  as rows of a shared batch with a KV cache (continuous batching: new requests
+  join the running batch), so streaming, stop strings, ``n``,
+  log-probabilities, seeds, penalties and cancellation stay per request.
+
+transformers' own continuous batching (``init_continuous_batching``) is not
+used: it samples with one global generator and one ``do_sample`` for all
+requests, has no per-request ``n``, stop strings, penalties, min_tokens or
+top-k / prompt log-probabilities, and serves decoder-only models only.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import threading
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections import deque
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from .. import errors
-from ..tasks import Task, TaskInferenceError, infer_task, sentence_transformers_pooling
+from ..tasks import Task, TaskInferenceError, infer_task, sentence_transformers_max_len, sentence_transformers_pooling
+from .batching import MicroBatcher
 from .base import Backend, Capabilities, SamplingParams, SequenceDelta, TokenLogprob
 from .textstream import TextStream
 
@@ -67,7 +82,7 @@ def _config_max_len(config: Any, tokenizer: Any) -> int | None:
 
 
 class _Job:
-    """One generation request running in a worker thread."""
+    """One generation request: its ``n`` sequences live as rows of a shared batch."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, prompt_ids: list[int], params: SamplingParams, request_id: str):
         self.loop = loop
@@ -76,10 +91,69 @@ class _Job:
         self.request_id = request_id
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.cancelled = threading.Event()
+        self.done = False
+        # set at admission, used only by the scheduler thread
+        self.gen: Any = None  # this request's own torch.Generator
+        self.counts: Any = None  # [n, vocab] generated-token counts (penalties)
+        self.prompt_seen: Any = None  # [vocab] bool: prompt tokens (repetition penalty, as vLLM and transformers)
+        self.step = 0
+        self.live = 0  # sequences still running
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
+
+    @property
+    def rows(self) -> int:
+        return self.params.n
 
     def emit(self, item: Any) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        if not self.done:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
+    def finish(self, exc: BaseException | None = None) -> None:
+        """End the request (with its own error, if any); later emits are dropped."""
+        if self.done:
+            return
+        if exc is not None:
+            self.emit(exc)
+        self.emit(_DONE)
+        self.done = True
+
+
+class _Seq:
+    """One row of a batch: one of a request's ``n`` sequences."""
+
+    __slots__ = ("job", "index", "stream", "finished")
+
+    def __init__(self, job: _Job, index: int, stream: TextStream):
+        self.job = job
+        self.index = index
+        self.stream = stream
+        self.finished = False
+
+
+class _Cohort:
+    """Rows that share one KV cache and advance together, one forward pass per step.
+
+    Decoder-only models: prompts are left-padded in the cache; ``mask`` is the
+    attention mask over the cache and ``positions`` each row's next position id.
+    Encoder-decoder models: ``enc_hidden`` / ``enc_mask`` hold the (right-padded)
+    encoder outputs; every row of a cohort started decoding at the same step.
+    """
+
+    def __init__(self, rows: list[_Seq], cache: Any, logits: Any):
+        self.rows = rows
+        self.cache = cache
+        self.logits = logits  # [rows, vocab] float32, the next token's logits
+        self.mask: Any = None
+        self.positions: Any = None
+        self.enc_hidden: Any = None
+        self.enc_mask: Any = None
+
+    @property
+    def jobs(self) -> list[_Job]:
+        seen: dict[int, _Job] = {}
+        for row in self.rows:
+            seen.setdefault(id(row.job), row.job)
+        return list(seen.values())
 
 class HuggingFaceBackend(Backend):
     name = "huggingface"
@@ -96,6 +170,8 @@ class HuggingFaceBackend(Backend):
         trust_remote_code: bool = False,
         device: str | None = None,
         max_workers: int = 4,
+        max_batch_size: int = 32,
+        max_batch_wait_ms: float = 5.0,
     ):
         super().__init__()
         self.model_path = model_path
@@ -113,6 +189,22 @@ class HuggingFaceBackend(Backend):
         self.eos_token_ids: set[int] = set()
         self.pooling: tuple[str, bool] = ("mean", True)
         self._token_text: dict[int, str] = {}
+        self.max_batch_size = max(1, int(max_batch_size))
+        self.max_batch_wait_ms = max(0.0, float(max_batch_wait_ms))
+        # encoder tasks: merged forward passes
+        self.batcher = MicroBatcher(
+            self._run_encoder, self._executor, max_batch_size=self.max_batch_size, max_wait_ms=self.max_batch_wait_ms
+        )
+        # generation: one scheduler thread, requests as rows of shared batches
+        self._cv = threading.Condition()
+        self._incoming: deque[_Job] = deque()
+        self._cohorts: list[_Cohort] = []
+        self._scheduler: threading.Thread | None = None
+        self._stopping = False
+        self._encoder_decoder = False
+        self._mergeable: bool | None = None  # can KV caches of different requests be concatenated?
+        #: counters for tests and benchmarks: encoder forward passes, generation prefills and decode steps
+        self.stats: dict[str, int] = {"encoder_forwards": 0, "prefills": 0, "decode_steps": 0, "max_rows": 0}
 
     # ------------------------------------------------------------------ load
     async def start(self) -> None:
@@ -145,6 +237,7 @@ class HuggingFaceBackend(Backend):
             raise BackendLoadError(f"cannot load {self.task.label} weights from {self.model_path}: {exc}") from None
         self.model.to(device).eval()
         self.device = torch.device(device)
+        self._encoder_decoder = bool(getattr(self.config, "is_encoder_decoder", False))
 
         limit = _config_max_len(self.config, self.tokenizer)
         if self.requested_max_len:
@@ -155,6 +248,9 @@ class HuggingFaceBackend(Backend):
             self.max_model_len = self.requested_max_len
         else:
             self.max_model_len = limit or 2048
+            st_limit = sentence_transformers_max_len(local_dir)
+            if st_limit and st_limit < self.max_model_len:
+                self.max_model_len = st_limit  # what the model was trained to embed (and what vLLM serves)
         self.labels = {int(k): str(v) for k, v in (getattr(self.config, "id2label", None) or {}).items()}
 
         eos: set[int] = set()
@@ -191,35 +287,44 @@ class HuggingFaceBackend(Backend):
         return getattr(torch, _DTYPES[name])
 
     async def stop(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------ boundary
-    @contextlib.contextmanager
-    def map_exceptions(self, request_id: str | None = None) -> Iterator[None]:
+    def translate(self, exc: Exception, request_id: str | None) -> errors.HFServeError:
         """torch / transformers / tokenizers exceptions -> contract classes."""
-        try:
-            yield
-        except errors.HFServeError:
-            raise
-        except (asyncio.CancelledError, GeneratorExit, errors.ClientDisconnected):
-            raise
-        except Exception as exc:  # noqa: BLE001 - this is the translation point
-            import torch
+        import torch
 
-            if isinstance(exc, torch.OutOfMemoryError):
-                logger.warning("request %s: out of memory", request_id or "-")
-                raise errors.Overloaded(
-                    "The model ran out of memory serving this request; retry later or send a shorter request"
-                ) from exc
-            raise errors.classify(exc, request_id) from exc
+        if isinstance(exc, torch.OutOfMemoryError):
+            logger.warning("request %s: out of memory", request_id or "-")
+            return errors.Overloaded(
+                "The model ran out of memory serving this request; retry later or send a shorter request"
+            )
+        return errors.classify(exc, request_id)
 
     # ----------------------------------------------------------- generation
+    #
+    # One scheduler thread runs every generation. It keeps "cohorts" of rows
+    # (a request with n=3 is 3 rows) that share a KV cache, runs one forward
+    # step per cohort per iteration, samples each row with its own request's
+    # parameters and torch.Generator, and sends each request its own deltas.
+    # Requests that arrive while a batch runs join it at the next step
+    # (decoder-only models: the new prompt is prefilled on its own, then its
+    # cache is left-padded and concatenated into the running batch). For
+    # encoder-decoder models the requests admitted together form a new cohort
+    # that runs beside the older ones.
+
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str
     ) -> AsyncIterator[list[SequenceDelta]]:
         loop = asyncio.get_running_loop()
         job = _Job(loop, prompt_ids, params, request_id)
-        future = loop.run_in_executor(self._executor, self._run_job, job)
+        self._ensure_scheduler()
+        with self._cv:
+            self._incoming.append(job)
+            self._cv.notify_all()
         try:
             while True:
                 item = await job.queue.get()
@@ -230,18 +335,401 @@ class HuggingFaceBackend(Backend):
                         raise item
                 yield item
         finally:
-            job.cancelled.set()
-            if not future.done():
-                future.add_done_callback(lambda f: f.exception())
+            if not job.done:
+                job.cancelled.set()
+                with self._cv:  # wake the scheduler so the rows are freed at once
+                    self._cv.notify_all()
 
-    def _run_job(self, job: _Job) -> None:
+    def _ensure_scheduler(self) -> None:
+        with self._cv:
+            if self._scheduler is None or not self._scheduler.is_alive():
+                self._stopping = False
+                self._scheduler = threading.Thread(target=self._schedule, name="hf-decode", daemon=True)
+                self._scheduler.start()
+
+    def _active_rows(self) -> int:
+        return sum(len(c.rows) for c in self._cohorts)
+
+    def _schedule(self) -> None:
+        import torch
+
+        torch.set_grad_enabled(False)
+        while True:
+            try:
+                new = self._take_incoming()
+                if new is None:
+                    return
+                with torch.inference_mode():
+                    if new:
+                        self._admit(new)
+                    for cohort in list(self._cohorts):
+                        self._step(cohort)
+            except Exception as exc:  # noqa: BLE001 - never let the scheduler die
+                logger.exception("generation scheduler failed; failing the running requests")
+                for cohort in self._cohorts:
+                    for job in cohort.jobs:
+                        job.finish(exc)
+                self._cohorts = []
+
+    def _take_incoming(self) -> list[_Job] | None:
+        """The requests to admit now (waiting for the batch window when idle); None to stop."""
+        with self._cv:
+            while not self._cohorts and not self._incoming and not self._stopping:
+                self._cv.wait()
+            if self._stopping:
+                for job in self._incoming:
+                    job.finish(errors.ModelNotReady("The model is shutting down; retry on another replica", retry_after=1))
+                for cohort in self._cohorts:
+                    for job in cohort.jobs:
+                        job.finish(errors.ModelNotReady("The model is shutting down; retry on another replica", retry_after=1))
+                self._incoming.clear()
+                self._cohorts = []
+                return None
+            if not self._cohorts and self._incoming and self.max_batch_wait_ms > 0:
+                deadline = time.monotonic() + self.max_batch_wait_ms / 1000.0
+                while sum(j.rows for j in self._incoming) < self.max_batch_size and not self._stopping:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._cv.wait(remaining)
+            taken: list[_Job] = []
+            active = self._active_rows()
+            while self._incoming:
+                job = self._incoming[0]
+                if job.cancelled.is_set():
+                    self._incoming.popleft()
+                    job.finish()
+                    continue
+                if active and active + job.rows > self.max_batch_size:
+                    break  # waits for rows to free up
+                self._incoming.popleft()
+                taken.append(job)
+                active += job.rows
+            return taken
+
+    # admission ------------------------------------------------------------
+    def _start_job(self, job: _Job) -> None:
+        import torch
+
+        params = job.params
+        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        job.gen = torch.Generator(device=self.device).manual_seed(seed)
+        job.live = params.n
+
+    def _new_rows(self, job: _Job) -> list[_Seq]:
+        return [_Seq(job, i, TextStream(self.tokenizer, job.params.stop)) for i in range(job.params.n)]
+
+    def _admit(self, jobs: list[_Job]) -> None:
+        if self._encoder_decoder:
+            self._admit_encoder_decoder(jobs)
+            return
+        for job in jobs:
+            try:
+                self._start_job(job)
+                cohort = self._prefill(job)
+            except Exception as exc:  # noqa: BLE001 - this request's own error
+                job.finish(exc)
+                continue
+            if self._mergeable and self._cohorts:
+                self._cohorts[0] = self._merge(self._cohorts[0], cohort)
+            else:
+                self._cohorts.append(cohort)
+
+    def _prefill(self, job: _Job) -> _Cohort:
+        """Decoder-only: run one prompt alone (exactly as ``generate`` would), n rows."""
+        import torch
+
+        params = job.params
+        n = params.n
+        prompt = torch.tensor([job.prompt_ids], dtype=torch.long, device=self.device)
+        want_prompt = params.prompt_logprobs is not None
+        kwargs = {} if want_prompt else {"logits_to_keep": 1}
+        out = self.model(input_ids=prompt, use_cache=True, **kwargs)
+        self.stats["prefills"] += 1
+        if want_prompt:
+            prompt_lp = torch.log_softmax(out.logits[0, :-1].float(), dim=-1)
+            job.prompt_logprobs = [None] + [
+                self._logprob_entries(prompt_lp[i], job.prompt_ids[i + 1], params.prompt_logprobs or 0)
+                for i in range(len(job.prompt_ids) - 1)
+            ]
+        cache = out.past_key_values
+        if self._mergeable is None:
+            from transformers.cache_utils import DynamicLayer
+
+            layers = getattr(cache, "layers", None)
+            self._mergeable = bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+            if not self._mergeable:
+                logger.info("this model's KV cache cannot be merged; concurrent requests decode side by side")
+        if n > 1:
+            cache.batch_repeat_interleave(n)
+        job.counts = torch.zeros((n, out.logits.shape[-1]), dtype=torch.float32, device=self.device)
+        logits = out.logits[:, -1, :].float().expand(n, -1).clone()
+        cohort = _Cohort(self._new_rows(job), cache, logits)
+        length = len(job.prompt_ids)
+        cohort.mask = torch.ones((n, length), dtype=torch.long, device=self.device)
+        cohort.positions = torch.full((n,), length, dtype=torch.long, device=self.device)
+        return cohort
+
+    def _merge(self, a: _Cohort, b: _Cohort) -> _Cohort:
+        """Decoder-only: one cohort from two, left-padding the shorter cache."""
+        import torch
+        import torch.nn.functional as F
+
+        la, lb = a.mask.shape[1], b.mask.shape[1]
+        width = max(la, lb)
+        for layer_a, layer_b in zip(a.cache.layers, b.cache.layers):
+            for attr in ("keys", "values"):
+                ta = F.pad(getattr(layer_a, attr), (0, 0, width - la, 0))
+                tb = F.pad(getattr(layer_b, attr), (0, 0, width - lb, 0))
+                setattr(layer_a, attr, torch.cat([ta, tb], dim=0))
+        a.mask = torch.cat([F.pad(a.mask, (width - la, 0)), F.pad(b.mask, (width - lb, 0))], dim=0)
+        a.positions = torch.cat([a.positions, b.positions])
+        a.logits = torch.cat([a.logits, b.logits], dim=0)
+        a.rows = a.rows + b.rows
+        return a
+
+    def _admit_encoder_decoder(self, jobs: list[_Job]) -> None:
+        started = []
+        for job in jobs:
+            try:
+                self._start_job(job)
+                started.append(job)
+            except Exception as exc:  # noqa: BLE001
+                job.finish(exc)
+        if not started:
+            return
         try:
-            if not job.cancelled.is_set():
-                self._decode_loop(job)
-        except BaseException as exc:  # handed to the request's coroutine, translated there
-            job.emit(exc)
-        finally:
-            job.emit(_DONE)
+            self._cohorts.append(self._encode(started))
+        except Exception as exc:  # noqa: BLE001 - retry each request alone
+            if len(started) == 1:
+                started[0].finish(exc)
+                return
+            logger.warning("a batched encoder pass failed (%s); running the requests one by one", type(exc).__name__)
+            for job in started:
+                try:
+                    self._cohorts.append(self._encode([job]))
+                except Exception as exc1:  # noqa: BLE001
+                    job.finish(exc1)
+
+    def _encode(self, jobs: list[_Job]) -> _Cohort:
+        """Encoder-decoder: encode the prompts as one (right-padded) batch, then the first decoder step."""
+        import torch
+        from transformers.modeling_outputs import BaseModelOutput
+
+        ids, mask = self._batch([job.prompt_ids for job in jobs])
+        hidden = self.model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+        repeats = torch.tensor([job.rows for job in jobs], device=self.device)
+        hidden = hidden.repeat_interleave(repeats, dim=0)
+        mask = mask.repeat_interleave(repeats, dim=0)
+        start = self.model.generation_config.decoder_start_token_id
+        if start is None:
+            start = self.config.decoder_start_token_id
+        rows = sum(job.rows for job in jobs)
+        decoder_input = torch.full((rows, 1), int(start), dtype=torch.long, device=self.device)
+        out = self.model(
+            encoder_outputs=BaseModelOutput(last_hidden_state=hidden),
+            attention_mask=mask,
+            decoder_input_ids=decoder_input,
+            use_cache=True,
+        )
+        self.stats["prefills"] += 1
+        vocab = out.logits.shape[-1]
+        seqs: list[_Seq] = []
+        for job in jobs:
+            job.counts = torch.zeros((job.rows, vocab), dtype=torch.float32, device=self.device)
+            seqs.extend(self._new_rows(job))
+        cohort = _Cohort(seqs, out.past_key_values, out.logits[:, -1, :].float())
+        cohort.enc_hidden, cohort.enc_mask = hidden, mask
+        return cohort
+
+    # one step ---------------------------------------------------------------
+    def _step(self, cohort: _Cohort) -> None:
+        """Sample every row, send the deltas, drop finished rows, run the next forward pass."""
+        import torch
+
+        by_job: dict[int, list[int]] = {}
+        for i, row in enumerate(cohort.rows):
+            if row.job.done or row.job.cancelled.is_set():
+                row.finished = True
+                row.job.finish()
+                continue
+            by_job.setdefault(id(row.job), []).append(i)
+        next_ids = [0] * len(cohort.rows)
+        # plain greedy rows (no penalties, no min_tokens) share one argmax over the whole batch
+        plain = [cohort.rows[idxs[0]].job for idxs in by_job.values()]
+        argmax = cohort.logits.argmax(dim=-1).tolist() if any(self._plain_greedy(j) for j in plain) else None
+        for idxs in by_job.values():
+            job = cohort.rows[idxs[0]].job
+            try:
+                chosen = [argmax[i] for i in idxs] if argmax is not None and self._plain_greedy(job) else None
+                self._sample_job(job, [cohort.rows[i] for i in idxs], cohort.logits[idxs], next_ids, idxs, chosen)
+            except Exception as exc:  # noqa: BLE001 - this request's own error
+                job.finish(exc)
+                for i in idxs:
+                    cohort.rows[i].finished = True
+        keep = [i for i, row in enumerate(cohort.rows) if not row.finished]
+        if not keep:
+            self._cohorts.remove(cohort)
+            return
+        if len(keep) < len(cohort.rows):
+            self._select(cohort, keep)
+        feed = torch.tensor([next_ids[i] for i in keep], dtype=torch.long, device=self.device).view(-1, 1)
+        try:
+            self._forward_step(cohort, feed)
+        except Exception as exc:  # noqa: BLE001
+            self._split_after_failure(cohort, feed, exc)
+
+    @staticmethod
+    def _plain_greedy(job: _Job) -> bool:
+        p = job.params
+        return (
+            p.greedy
+            and job.step >= p.min_tokens
+            and p.repetition_penalty == 1.0
+            and not p.frequency_penalty
+            and not p.presence_penalty
+        )
+
+    def _sample_job(
+        self, job: _Job, rows: list[_Seq], logits: Any, next_ids: list[int], idxs: list[int], chosen: list[int] | None = None
+    ) -> None:
+        import torch
+
+        params = job.params
+        raw_lp = torch.log_softmax(logits, dim=-1) if params.logprobs is not None else None
+        if chosen is not None:
+            ids = chosen
+        else:
+            seq_idx = torch.tensor([row.index for row in rows], dtype=torch.long, device=self.device)
+            if params.repetition_penalty != 1.0 and job.prompt_seen is None:
+                job.prompt_seen = torch.zeros(logits.shape[-1], dtype=torch.bool, device=self.device)
+                if not self.config.is_encoder_decoder:
+                    job.prompt_seen[torch.tensor(job.prompt_ids, dtype=torch.long, device=self.device)] = True
+            ids = self._sample(logits, params, job.gen, job.counts[seq_idx], job.step, job.prompt_seen).tolist()
+        stop_ids = set(params.stop_token_ids)
+        deltas: list[SequenceDelta] = []
+        for k, (row, tid) in enumerate(zip(rows, ids)):
+            next_ids[idxs[k]] = tid
+            job.counts[row.index, tid] += 1
+            delta = SequenceDelta(index=row.index, token_ids=[tid])
+            if raw_lp is not None:
+                delta.logprobs = [self._logprob_entries(raw_lp[k], tid, params.logprobs or 0)]
+            is_eos = tid in self.eos_token_ids and not params.ignore_eos
+            is_stop_id = tid in stop_ids
+            stream = row.stream
+            delta.text = stream.push(tid, emit_token=not (is_eos or is_stop_id))
+            if stream.stopped_by is not None:
+                delta.finish_reason, delta.stop_reason = "stop", stream.stopped_by
+            elif is_eos or is_stop_id:
+                delta.text += stream.flush()
+                delta.finish_reason = "stop"
+                delta.stop_reason = tid if is_stop_id else None
+            elif job.step + 1 >= params.max_tokens:
+                delta.text += stream.flush()
+                delta.finish_reason = "length"
+            if delta.finish_reason:
+                row.finished = True
+                job.live -= 1
+            if job.step == 0 and job.prompt_logprobs is not None:
+                delta.prompt_logprobs = job.prompt_logprobs
+            deltas.append(delta)
+        job.step += 1
+        job.emit(deltas)
+        if job.live <= 0:
+            job.finish()
+
+    def _select(self, cohort: _Cohort, keep: list[int]) -> None:
+        """Keep only the rows ``keep`` (finished and cancelled rows are freed here)."""
+        import torch
+
+        idx = torch.tensor(keep, dtype=torch.long, device=self.device)
+        cohort.cache.batch_select_indices(idx)
+        cohort.rows = [cohort.rows[i] for i in keep]
+        cohort.logits = cohort.logits[idx]
+        if self._encoder_decoder:
+            cohort.enc_hidden = cohort.enc_hidden[idx]
+            cohort.enc_mask = cohort.enc_mask[idx]
+            return
+        cohort.positions = cohort.positions[idx]
+        mask = cohort.mask[idx]
+        used = mask.sum(dim=0).nonzero()
+        first = int(used[0]) if used.numel() else 0
+        if first > 0:  # columns that only padding uses any more
+            for layer in cohort.cache.layers:
+                layer.keys = layer.keys[..., first:, :]
+                layer.values = layer.values[..., first:, :]
+            mask = mask[:, first:]
+        cohort.mask = mask
+
+    def _forward_step(self, cohort: _Cohort, feed: Any) -> None:
+        import torch
+        from transformers.modeling_outputs import BaseModelOutput
+
+        if self._encoder_decoder:
+            out = self.model(
+                encoder_outputs=BaseModelOutput(last_hidden_state=cohort.enc_hidden),
+                attention_mask=cohort.enc_mask,
+                decoder_input_ids=feed,
+                past_key_values=cohort.cache,
+                use_cache=True,
+            )
+        else:
+            mask = torch.cat([cohort.mask, torch.ones_like(cohort.mask[:, :1])], dim=1)
+            out = self.model(
+                input_ids=feed,
+                attention_mask=mask,
+                position_ids=cohort.positions.view(-1, 1),
+                past_key_values=cohort.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            cohort.mask = mask
+            cohort.positions = cohort.positions + 1
+        cohort.cache = out.past_key_values
+        cohort.logits = out.logits[:, -1, :].float()
+        self.stats["decode_steps"] += 1
+        self.stats["max_rows"] = max(self.stats["max_rows"], feed.shape[0])
+
+    def _self_attention_layers(self, cache: Any) -> list[Any]:
+        inner = getattr(cache, "self_attention_cache", cache)
+        return list(getattr(inner, "layers", []))
+
+    def _split_after_failure(self, cohort: _Cohort, feed: Any, exc: Exception) -> None:
+        """A batched step raised: undo it, then run each request's rows alone so only the culprit fails."""
+        import copy
+
+        import torch
+
+        jobs = cohort.jobs
+        if len(jobs) == 1:
+            jobs[0].finish(exc)
+            self._cohorts.remove(cohort)
+            return
+        logger.warning("a batched decode step of %d requests failed (%s); running them one by one", len(jobs), type(exc).__name__)
+        length = cohort.mask.shape[1] if cohort.mask is not None else None
+        for layer in self._self_attention_layers(cohort.cache):
+            seq = layer.get_seq_length()
+            if length is None:
+                # encoder-decoder: every row has the same decoder length, the step count
+                length = cohort.rows[0].job.step
+            if seq > length:
+                layer.keys = layer.keys[..., :length, :]
+                layer.values = layer.values[..., :length, :]
+        position = self._cohorts.index(cohort)
+        self._cohorts.remove(cohort)
+        for job in jobs:
+            keep = [i for i, row in enumerate(cohort.rows) if row.job is job]
+            part = _Cohort(cohort.rows, copy.deepcopy(cohort.cache), cohort.logits)
+            part.mask, part.positions = cohort.mask, cohort.positions
+            part.enc_hidden, part.enc_mask = cohort.enc_hidden, cohort.enc_mask
+            self._select(part, keep)
+            try:
+                self._forward_step(part, feed[torch.tensor(keep, dtype=torch.long)])
+            except Exception as exc1:  # noqa: BLE001 - this request's own error
+                job.finish(exc1)
+                continue
+            self._cohorts.insert(position, part)
+            position += 1
 
     def _token_str(self, token_id: int) -> str:
         text = self._token_text.get(token_id)
@@ -259,100 +747,16 @@ class HuggingFaceBackend(Backend):
             top = [(int(i), self._token_str(int(i)), float(v)) for v, i in zip(values.tolist(), ids.tolist())]
         return TokenLogprob(token_id, self._token_str(token_id), float(logprobs_row[token_id]), top)
 
-    def _decode_loop(self, job: _Job) -> None:
-        import torch
-
-        params = job.params
-        model = self.model
-        n = params.n
-        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
-        gen = torch.Generator(device=self.device).manual_seed(seed)
-        prompt = torch.tensor([job.prompt_ids], dtype=torch.long, device=self.device)
-        encoder_decoder = bool(getattr(self.config, "is_encoder_decoder", False))
-        prompt_logprobs = None
-
-        with torch.inference_mode():
-            if encoder_decoder:
-                encoder_outputs = model.get_encoder()(input_ids=prompt)
-                hidden = encoder_outputs.last_hidden_state.expand(n, -1, -1)
-                encoder_outputs.last_hidden_state = hidden
-                start = self.model.generation_config.decoder_start_token_id
-                if start is None:
-                    start = self.config.decoder_start_token_id
-                decoder_input = torch.full((n, 1), int(start), dtype=torch.long, device=self.device)
-                out = model(encoder_outputs=encoder_outputs, decoder_input_ids=decoder_input, use_cache=True)
-            else:
-                want_prompt = params.prompt_logprobs is not None
-                kwargs = {} if want_prompt else {"logits_to_keep": 1}
-                out = model(input_ids=prompt.expand(n, -1), use_cache=True, **kwargs)
-                if want_prompt:
-                    prompt_lp = torch.log_softmax(out.logits[0, :-1].float(), dim=-1)
-                    prompt_logprobs = [None] + [
-                        self._logprob_entries(prompt_lp[i], job.prompt_ids[i + 1], params.prompt_logprobs or 0)
-                        for i in range(len(job.prompt_ids) - 1)
-                    ]
-            past = out.past_key_values
-            logits = out.logits[:, -1, :].float()
-            del out
-
-            streams = [TextStream(self.tokenizer, params.stop) for _ in range(n)]
-            finished = [False] * n
-            counts = torch.zeros((n, logits.shape[-1]), dtype=torch.float32, device=self.device)
-            stop_ids = set(params.stop_token_ids)
-            first = True
-            for step in range(params.max_tokens):
-                if job.cancelled.is_set():
-                    return
-                raw_lp = torch.log_softmax(logits, dim=-1) if params.logprobs is not None else None
-                next_ids = self._sample(logits, params, gen, counts, step)
-                deltas: list[SequenceDelta] = []
-                ids_list = next_ids.tolist()
-                for i, tid in enumerate(ids_list):
-                    if finished[i]:
-                        continue
-                    counts[i, tid] += 1
-                    delta = SequenceDelta(index=i, token_ids=[tid])
-                    if raw_lp is not None:
-                        delta.logprobs = [self._logprob_entries(raw_lp[i], tid, params.logprobs or 0)]
-                    is_eos = tid in self.eos_token_ids and not params.ignore_eos
-                    is_stop_id = tid in stop_ids
-                    stream = streams[i]
-                    delta.text = stream.push(tid, emit_token=not (is_eos or is_stop_id))
-                    if stream.stopped_by is not None:
-                        delta.finish_reason, delta.stop_reason = "stop", stream.stopped_by
-                    elif is_eos or is_stop_id:
-                        delta.text += stream.flush()
-                        delta.finish_reason = "stop"
-                        delta.stop_reason = tid if is_stop_id else None
-                    elif step + 1 >= params.max_tokens:
-                        delta.text += stream.flush()
-                        delta.finish_reason = "length"
-                    if delta.finish_reason:
-                        finished[i] = True
-                    if first and prompt_logprobs is not None:
-                        delta.prompt_logprobs = prompt_logprobs
-                    deltas.append(delta)
-                first = False
-                job.emit(deltas)
-                if all(finished):
-                    return
-                feed = next_ids.view(n, 1)
-                if encoder_decoder:
-                    out = model(
-                        encoder_outputs=encoder_outputs, decoder_input_ids=feed, past_key_values=past, use_cache=True
-                    )
-                else:
-                    out = model(input_ids=feed, past_key_values=past, use_cache=True)
-                past = out.past_key_values
-                logits = out.logits[:, -1, :].float()
-                del out
-
-    def _sample(self, logits: Any, params: SamplingParams, gen: Any, counts: Any, step: int) -> Any:
+    def _sample(
+        self, logits: Any, params: SamplingParams, gen: Any, counts: Any, step: int, prompt_seen: Any = None
+    ) -> Any:
         import torch
 
         logits = logits.clone()
         if params.repetition_penalty != 1.0:
             seen = counts > 0
+            if prompt_seen is not None:
+                seen = seen | prompt_seen
             penalized = torch.where(logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty)
             logits = torch.where(seen, penalized, logits)
         if params.frequency_penalty:
@@ -390,15 +794,29 @@ class HuggingFaceBackend(Backend):
             mask[row, : len(seq)] = 1
         return ids.to(self.device), mask.to(self.device)
 
-    async def _run(self, fn: Any, *args: Any) -> Any:
-        loop = asyncio.get_running_loop()
+    async def _run(self, kind: str, inputs: list[list[int]], option: Any = None) -> Any:
+        """Through the batcher: merged with concurrent requests of the same kind."""
         with self.map_exceptions():
-            return await loop.run_in_executor(self._executor, fn, *args)
+            return await self.batcher.submit(kind, inputs, option)
+
+    def _run_encoder(self, kind: str, inputs: list[list[int]], option: Any) -> list[Any]:
+        """In a worker thread: one forward pass over ``inputs``, one result per input."""
+        if kind == "embed":
+            return self._embed_sync(inputs)
+        if kind == "classify":
+            return self._classify_sync(inputs)
+        if kind == "classify_tokens":
+            return self._classify_tokens_sync(inputs)
+        if kind == "fill_mask":
+            return self._fill_mask_sync(inputs, option)
+        raise ValueError(f"unknown encoder operation {kind}")
 
     def _forward(self, inputs: list[list[int]]) -> tuple[Any, Any]:
+        """Right-padded batch with an attention mask; positions and token types start at 0 per row."""
         import torch
 
         ids, mask = self._batch(inputs)
+        self.stats["encoder_forwards"] += 1
         with torch.inference_mode():
             return self.model(input_ids=ids, attention_mask=mask), mask
 
@@ -423,14 +841,14 @@ class HuggingFaceBackend(Backend):
         return pooled.tolist()
 
     async def embed(self, inputs: list[list[int]]) -> list[list[float]]:
-        return await self._run(self._embed_sync, inputs)
+        return await self._run("embed", inputs)
 
     def _classify_sync(self, inputs: list[list[int]]) -> list[list[float]]:
         out, _ = self._forward(inputs)
         return out.logits.float().tolist()
 
     async def classify(self, inputs: list[list[int]]) -> list[list[float]]:
-        return await self._run(self._classify_sync, inputs)
+        return await self._run("classify", inputs)
 
     def _classify_tokens_sync(self, inputs: list[list[int]]) -> list[list[list[float]]]:
         out, _ = self._forward(inputs)
@@ -438,7 +856,7 @@ class HuggingFaceBackend(Backend):
         return [logits[row, : len(seq)].tolist() for row, seq in enumerate(inputs)]
 
     async def classify_tokens(self, inputs: list[list[int]]) -> list[list[list[float]]]:
-        return await self._run(self._classify_tokens_sync, inputs)
+        return await self._run("classify_tokens", inputs)
 
     def _fill_mask_sync(self, inputs: list[list[int]], top_k: int) -> list[list[list[tuple[int, float]]]]:
         import torch
@@ -457,4 +875,4 @@ class HuggingFaceBackend(Backend):
         return results
 
     async def fill_mask(self, inputs: list[list[int]], top_k: int) -> list[list[list[tuple[int, float]]]]:
-        return await self._run(self._fill_mask_sync, inputs, top_k)
+        return await self._run("fill_mask", inputs, top_k)

@@ -22,7 +22,7 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -289,19 +289,8 @@ class VLLMBackend(Backend):
         return True
 
     # ------------------------------------------------------------ boundary
-    @contextlib.contextmanager
-    def map_exceptions(self, request_id: str | None = None) -> Iterator[None]:
+    def translate(self, exc: Exception, request_id: str | None) -> errors.HFServeError:
         """vLLM (and tokenizer) exceptions -> contract classes. The only place vLLM's exception types are known."""
-        try:
-            yield
-        except errors.HFServeError:
-            raise
-        except (asyncio.CancelledError, GeneratorExit, errors.ClientDisconnected):
-            raise
-        except Exception as exc:  # noqa: BLE001 - this is the translation point
-            raise self._translate(exc, request_id) from exc
-
-    def _translate(self, exc: Exception, request_id: str | None) -> errors.HFServeError:
         rid = request_id or "-"
         try:
             from vllm import exceptions as vexc

@@ -1,0 +1,152 @@
+"""Dynamic batching of encoder requests (embeddings, classification, fill-mask).
+
+Concurrent requests of the same kind are merged into one forward pass of up to
+``max_batch_size`` inputs. The first request of a batch waits at most
+``max_wait_ms`` for others to arrive; while a batch runs, new requests queue and
+form the next one, so under load batches fill up without any extra waiting.
+
+One request's failure never fails its batch-mates: if a merged forward raises,
+every request of that batch is run again on its own, so each gets its own
+result or its own error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Any
+
+logger = logging.getLogger("hfserve.backends.batching")
+
+#: run(kind, inputs, option) -> one result per input
+RunFn = Callable[[str, list[list[int]], Any], list[Any]]
+
+
+@dataclass
+class _Item:
+    key: tuple[str, Any]
+    inputs: list[list[int]]
+    future: asyncio.Future
+    arrived: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class BatchStats:
+    """What the batcher did (for tests and benchmarks)."""
+
+    requests: int = 0
+    batches: int = 0  # merged forward calls attempted
+    fallbacks: int = 0  # batches that failed and were re-run request by request
+    largest: int = 0  # most inputs in one batch
+
+
+class MicroBatcher:
+    """Merges concurrent ``submit`` calls into batched calls of ``run`` in an executor."""
+
+    def __init__(self, run: RunFn, executor: Executor, *, max_batch_size: int = 32, max_wait_ms: float = 5.0):
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be at least 1")
+        self.run = run
+        self.executor = executor
+        self.max_batch_size = max_batch_size
+        self.max_wait = max(0.0, max_wait_ms) / 1000.0
+        self.stats = BatchStats()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending: list[_Item] = []
+        self._wakeup: asyncio.Event | None = None
+        self._worker: asyncio.Task | None = None
+
+    def _ensure_worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop or self._worker is None or self._worker.done():
+            self._loop = loop
+            self._wakeup = asyncio.Event()
+            self._worker = loop.create_task(self._work(), name="hfserve-encoder-batcher")
+
+    async def submit(self, kind: str, inputs: list[list[int]], option: Any = None) -> list[Any]:
+        """Run ``inputs`` (one request) as part of a batch; returns its own results."""
+        self._ensure_worker()
+        assert self._loop is not None and self._wakeup is not None
+        item = _Item((kind, option), inputs, self._loop.create_future())
+        self._pending.append(item)
+        self.stats.requests += 1
+        self._wakeup.set()
+        return await item.future
+
+    def _same_key_inputs(self, key: tuple[str, Any]) -> int:
+        return sum(len(i.inputs) for i in self._pending if i.key == key and not i.future.done())
+
+    async def _work(self) -> None:
+        assert self._wakeup is not None
+        while True:
+            self._pending = [i for i in self._pending if not i.future.done()]  # drop cancelled requests
+            if not self._pending:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            first = self._pending[0]
+            deadline = first.arrived + self.max_wait
+            while self._same_key_inputs(first.key) < self.max_batch_size:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                except asyncio.TimeoutError:
+                    break
+            batch: list[_Item] = []
+            size = 0
+            for item in self._pending:
+                if item.key != first.key or item.future.done():
+                    continue
+                if batch and size + len(item.inputs) > self.max_batch_size:
+                    break
+                batch.append(item)
+                size += len(item.inputs)
+            taken = set(map(id, batch))
+            self._pending = [i for i in self._pending if id(i) not in taken]
+            if not batch:
+                continue
+            self.stats.batches += 1
+            self.stats.largest = max(self.stats.largest, size)
+            try:
+                outcomes = await asyncio.get_running_loop().run_in_executor(self.executor, self._run_batch, batch)
+            except BaseException as exc:  # noqa: BLE001 - e.g. the executor shut down
+                outcomes = [exc] * len(batch)
+            for item, outcome in zip(batch, outcomes):
+                if item.future.done():
+                    continue
+                if isinstance(outcome, BaseException):
+                    item.future.set_exception(outcome)
+                else:
+                    item.future.set_result(outcome)
+
+    def _run_batch(self, batch: list[_Item]) -> list[Any]:
+        """In a worker thread: one merged call, or each request alone if that fails."""
+        kind, option = batch[0].key
+        if len(batch) > 1:
+            merged = [x for item in batch for x in item.inputs]
+            try:
+                results = self.run(kind, merged, option)
+            except Exception as exc:  # noqa: BLE001 - retried one by one below
+                self.stats.fallbacks += 1
+                logger.warning("a batch of %d %s requests failed (%s); running them one by one", len(batch), kind, type(exc).__name__)
+            else:
+                out: list[Any] = []
+                pos = 0
+                for item in batch:
+                    out.append(results[pos : pos + len(item.inputs)])
+                    pos += len(item.inputs)
+                return out
+        outcomes: list[Any] = []
+        for item in batch:
+            try:
+                outcomes.append(self.run(kind, item.inputs, option))
+            except Exception as exc:  # noqa: BLE001 - handed to that request alone
+                outcomes.append(exc)
+        return outcomes

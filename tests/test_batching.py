@@ -1,0 +1,336 @@
+"""Batching on the transformers backend (issue 5).
+
+Most tests run the backend in this process, so that merging is observed
+honestly through the backend's own counters (``backend.stats``: encoder forward
+passes, decode steps and the largest batch; ``backend.batcher.stats``), and the
+results are compared with the same requests run one at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import subprocess
+import sys
+import time
+
+import numpy as np
+import openai
+import pytest
+import torch
+
+from hfserve import errors
+from hfserve.backends.base import SamplingParams
+from hfserve.backends.huggingface import HuggingFaceBackend
+
+SENTENCES = [f"sentence number {i} is " + "quite " * (i % 7) + "short" for i in range(24)]
+PROMPTS = ["The cat sat on", "Once upon a time", "hello", "a much longer prompt with many words in it, to pad the others"]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def collect(backend, prompt_ids, params, request_id="r"):
+    """All deltas of one request: (token ids per sequence, text per sequence)."""
+    ids = {i: [] for i in range(params.n)}
+    text = {i: "" for i in range(params.n)}
+    async for deltas in backend.generate(prompt_ids, params, request_id):
+        for d in deltas:
+            ids[d.index] += d.token_ids
+            text[d.index] += d.text
+    return [ids[i] for i in range(params.n)], [text[i] for i in range(params.n)]
+
+
+def greedy(max_tokens=16):
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def minilm_backend(models):
+    b = HuggingFaceBackend(str(models["minilm"]), max_batch_size=32, max_batch_wait_ms=50)
+    run(b.start())
+    yield b
+    run(b.stop())
+
+
+@pytest.fixture(scope="module")
+def llama_backend(models):
+    b = HuggingFaceBackend(str(models["llama"]), max_batch_size=32, max_batch_wait_ms=50)
+    run(b.start())
+    yield b
+    run(b.stop())
+
+
+@pytest.fixture(scope="module")
+def t5_backend(models):
+    b = HuggingFaceBackend(str(models["t5"]), max_batch_size=32, max_batch_wait_ms=50)
+    run(b.start())
+    yield b
+    run(b.stop())
+
+
+# ------------------------------------------------------------------ encoders
+def test_concurrent_embeddings_are_merged_and_equal_sequential(minilm_backend):
+    b = minilm_backend
+    ids = [b.tokenizer(s)["input_ids"] for s in SENTENCES]
+    sequential = [run(b.embed([x]))[0] for x in ids]
+    before = b.stats["encoder_forwards"]
+
+    async def concurrent():
+        return await asyncio.gather(*(b.embed([x]) for x in ids))
+
+    merged = [r[0] for r in run(concurrent())]
+    forwards = b.stats["encoder_forwards"] - before
+    assert forwards < len(ids) / 4, f"{len(ids)} concurrent requests took {forwards} forward passes"
+    assert b.batcher.stats.largest > 1
+    assert np.allclose(np.array(merged), np.array(sequential), atol=1e-5)
+
+
+def test_batch_never_exceeds_max_batch_size(models):
+    b = HuggingFaceBackend(str(models["minilm"]), max_batch_size=4, max_batch_wait_ms=50)
+    run(b.start())
+    try:
+        ids = [b.tokenizer(s)["input_ids"] for s in SENTENCES[:12]]
+
+        async def concurrent():
+            return await asyncio.gather(*(b.embed([x]) for x in ids))
+
+        out = run(concurrent())
+        assert len(out) == 12
+        assert b.batcher.stats.largest == 4
+        assert b.stats["encoder_forwards"] == 3
+    finally:
+        run(b.stop())
+
+
+def test_a_bad_encoder_request_fails_alone(minilm_backend):
+    b = minilm_backend
+    good = [b.tokenizer(s)["input_ids"] for s in SENTENCES[:5]]
+    alone = [run(b.embed([x]))[0] for x in good]
+    bad = [101, 10**7, 102]  # outside the vocabulary: the merged forward raises
+    fallbacks = b.batcher.stats.fallbacks
+
+    async def concurrent():
+        tasks = [b.embed([x]) for x in good[:2]] + [b.embed([bad])] + [b.embed([x]) for x in good[2:]]
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    out = run(concurrent())
+    assert isinstance(out[2], errors.InternalError)
+    results = [r[0] for i, r in enumerate(out) if i != 2]
+    assert np.allclose(np.array(results), np.array(alone), atol=1e-5)
+    assert b.batcher.stats.fallbacks == fallbacks + 1
+
+
+def test_concurrent_embeddings_over_http(minilm):
+    client = openai.OpenAI(base_url=minilm.openai_url, api_key="x", max_retries=0)
+    one = [client.embeddings.create(model="minilm", input=s).data[0].embedding for s in SENTENCES[:8]]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        many = list(pool.map(lambda s: client.embeddings.create(model="minilm", input=s).data[0].embedding, SENTENCES[:8]))
+    assert np.allclose(np.array(many), np.array(one), atol=1e-5)
+
+
+# ----------------------------------------------------------------- generation
+def test_concurrent_greedy_equals_sequential_and_generate(llama_backend):
+    b = llama_backend
+    prompts = [b.tokenizer(p)["input_ids"] for p in PROMPTS]
+    sequential = [run(collect(b, p, greedy()))[0][0] for p in prompts]
+    steps = b.stats["decode_steps"]
+
+    async def concurrent():
+        return await asyncio.gather(*(collect(b, p, greedy()) for p in prompts))
+
+    batched = [r[0][0] for r in run(concurrent())]
+    assert batched == sequential
+    # the four requests shared forward passes: 15 decode steps each, not 60 in all
+    assert b.stats["decode_steps"] - steps < 2 * 15
+    assert b.stats["max_rows"] >= 2
+    for p, got in zip(prompts, sequential):
+        with torch.inference_mode():
+            ref = b.model.generate(torch.tensor([p]), max_new_tokens=16, do_sample=False, pad_token_id=b.tokenizer.pad_token_id)
+        assert got == ref[0, len(p) :].tolist()
+
+
+def test_requests_join_a_running_batch(llama_backend):
+    """A request that arrives while others decode joins their batch (continuous batching)."""
+    b = llama_backend
+    p_long, p_late = (b.tokenizer(p)["input_ids"] for p in PROMPTS[:2])
+    alone = run(collect(b, p_late, greedy(8)))[0][0]
+
+    async def staggered():
+        first = asyncio.ensure_future(collect(b, p_long, greedy(120)))
+        await asyncio.sleep(0.3)
+        steps = b.stats["decode_steps"]
+        late = await collect(b, p_late, greedy(8))
+        shared = b.stats["decode_steps"] - steps
+        await first
+        return late, shared
+
+    late, shared = run(staggered())
+    assert late[0][0] == alone
+    assert shared < 12, "the late request ran its own decode steps instead of joining the batch"
+
+
+def test_seeded_sample_same_alone_and_batched(llama_backend):
+    b = llama_backend
+    prompts = [b.tokenizer(p)["input_ids"] for p in PROMPTS]
+    seeded = SamplingParams(max_tokens=20, temperature=1.0, top_p=0.95, top_k=50, seed=1234, n=2, repetition_penalty=1.1)
+    alone = run(collect(b, prompts[1], seeded))
+
+    async def with_others():
+        others = [
+            collect(b, prompts[0], SamplingParams(max_tokens=25, temperature=0.8)),
+            collect(b, prompts[2], greedy(30)),
+            collect(b, prompts[3], SamplingParams(max_tokens=10, temperature=1.3, n=3, presence_penalty=0.5)),
+        ]
+        return await asyncio.gather(others[0], collect(b, prompts[1], seeded), *others[1:])
+
+    together = run(with_others())
+    assert together[1] == alone
+    again = run(collect(b, prompts[1], SamplingParams(**{**seeded.__dict__, "seed": 99})))
+    assert again != alone
+
+
+def test_a_bad_generation_request_fails_alone(llama_backend):
+    b = llama_backend
+    prompts = [b.tokenizer(p)["input_ids"] for p in PROMPTS[:3]]
+    alone = [run(collect(b, p, greedy(10)))[0][0] for p in prompts]
+
+    async def mixed():
+        return await asyncio.gather(
+            collect(b, prompts[0], greedy(10)),
+            collect(b, [1, 10**7, 5], greedy(10), "bad"),  # outside the vocabulary
+            collect(b, prompts[1], greedy(10)),
+            collect(b, prompts[2], greedy(10)),
+            return_exceptions=True,
+        )
+
+    out = run(mixed())
+    assert isinstance(out[1], errors.InternalError)
+    assert [out[0][0][0], out[2][0][0], out[3][0][0]] == alone
+
+
+class PoisonBackend(HuggingFaceBackend):
+    """A batched decode step fails whenever the request "poison" is in it, after two steps."""
+
+    def _forward_step(self, cohort, feed):
+        if any(row.job.request_id == "poison" and row.job.step >= 2 for row in cohort.rows):
+            raise RuntimeError("injected decode failure")
+        return super()._forward_step(cohort, feed)
+
+
+def test_a_failing_decode_step_fails_only_its_request(models):
+    b = PoisonBackend(str(models["llama"]), max_batch_wait_ms=50)
+    run(b.start())
+    try:
+        prompts = [b.tokenizer(p)["input_ids"] for p in PROMPTS[:3]]
+        alone = [run(collect(b, p, greedy(12)))[0][0] for p in prompts]
+
+        async def mixed():
+            return await asyncio.gather(
+                collect(b, prompts[0], greedy(12)),
+                collect(b, prompts[1], greedy(12), "poison"),
+                collect(b, prompts[2], greedy(12)),
+                return_exceptions=True,
+            )
+
+        out = run(mixed())
+        assert isinstance(out[1], errors.InternalError)
+        assert [out[0][0][0], out[2][0][0]] == [alone[0], alone[2]]
+    finally:
+        run(b.stop())
+
+
+def test_cancelled_stream_frees_its_row(llama_backend):
+    b = llama_backend
+    prompts = [b.tokenizer(p)["input_ids"] for p in PROMPTS[:3]]
+    alone = [run(collect(b, p, greedy(40)))[0][0] for p in prompts[1:]]
+
+    async def scenario():
+        stream = b.generate(prompts[0], greedy(200), "cancel-me")
+        others = [asyncio.ensure_future(collect(b, p, greedy(40))) for p in prompts[1:]]
+        got = 0
+        async for _ in stream:
+            got += 1
+            if got == 3:
+                break
+        await stream.aclose()
+        # the row is gone from the running batch at the next step
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            rows = [r.job.request_id for c in list(b._cohorts) for r in c.rows]
+            if "cancel-me" not in rows:
+                break
+            await asyncio.sleep(0.01)
+        freed = "cancel-me" not in [r.job.request_id for c in list(b._cohorts) for r in c.rows]
+        return freed, [(await o)[0][0] for o in others]
+
+    freed, results = run(scenario())
+    assert freed
+    assert results == alone
+
+
+def test_n_rows_and_logprobs_in_a_batch(llama_backend):
+    b = llama_backend
+    prompts = [b.tokenizer(p)["input_ids"] for p in PROMPTS[:2]]
+    params = SamplingParams(max_tokens=6, temperature=0.0, n=2, logprobs=2, prompt_logprobs=1)
+
+    async def one():
+        out = []
+        async for deltas in b.generate(prompts[0], params, "lp"):
+            out.append(deltas)
+        return out
+
+    alone = run(one())
+
+    async def together():
+        return (await asyncio.gather(one(), collect(b, prompts[1], greedy(20))))[0]
+
+    batched = run(together())
+    assert len(batched[0][0].prompt_logprobs) == len(prompts[0])
+    flat = lambda steps: [(d.index, d.token_ids, [(x.token_id, round(x.logprob, 4)) for x in d.logprobs]) for s in steps for d in s]  # noqa: E731
+    assert flat(batched) == flat(alone)
+
+
+def test_t5_concurrent_greedy_equals_sequential(t5_backend):
+    b = t5_backend
+    prompts = [b.tokenizer(p)["input_ids"] for p in ["translate the cat sat on the mat", "hello", "a longer input with more words"]]
+    sequential = [run(collect(b, p, greedy(10)))[0][0] for p in prompts]
+    steps = b.stats["decode_steps"]
+
+    async def concurrent():
+        return await asyncio.gather(*(collect(b, p, greedy(10)) for p in prompts))
+
+    assert [r[0][0] for r in run(concurrent())] == sequential
+    assert b.stats["decode_steps"] - steps < 2 * 10
+    for p, got in zip(prompts, sequential):
+        with torch.inference_mode():
+            ref = b.model.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False)[0, 1:].tolist()
+        assert got == ref[: len(got)]
+
+
+def test_concurrent_completions_over_http_equal_sequential(llama):
+    client = openai.OpenAI(base_url=llama.openai_url, api_key="x", max_retries=0)
+
+    def complete(prompt):
+        return client.completions.create(model="llama", prompt=prompt, max_tokens=12, temperature=0).choices[0].text
+
+    sequential = [complete(p) for p in PROMPTS]
+    with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
+        assert list(pool.map(complete, PROMPTS)) == sequential
+
+
+# ------------------------------------------------------------------------ CLI
+@pytest.mark.parametrize(
+    "flag, value, words",
+    [("--max_batch_size", "0", "must be positive"), ("--max_batch_wait_ms", "-1", "zero or positive")],
+)
+def test_batch_flags_are_validated(models, flag, value, words):
+    proc = subprocess.run(
+        [sys.executable, "-m", "hfserve", "--model_dir", str(models["minilm"]), flag, value],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"hfserve: error: {flag}") and words in proc.stderr
