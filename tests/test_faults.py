@@ -144,18 +144,19 @@ def test_event_loop_stays_free_during_generation(llama):
     def long_generation():
         result["resp"] = httpx.post(
             f"{llama.openai_url}/completions",
-            json={"model": "llama", "prompt": ["hi"] * 8, "n": 8, "max_tokens": 240, "ignore_eos": True},
+            # 24 sequences: long-running, yet leaving room in the batch (--max_batch_size 32) for others
+            json={"model": "llama", "prompt": ["hi"] * 3, "n": 8, "max_tokens": 240, "ignore_eos": True},
             timeout=300,
         )
         done.set()
 
     worker = threading.Thread(target=long_generation)
     worker.start()
-    time.sleep(0.5)
+    time.sleep(0.2)
     ready = httpx.get(f"{llama.url}/v2/health/ready", timeout=30)
     short = httpx.post(f"{llama.openai_url}/completions", json={"model": "llama", "prompt": "x", "max_tokens": 2}, timeout=300)
     answered_while_running = not done.is_set()
     worker.join()
     assert ready.status_code == 200 and short.status_code == 200
     assert answered_while_running, "health and a second request had to wait for the long generation"
-    assert result["resp"].json()["usage"]["completion_tokens"] == 8 * 8 * 240
+    assert result["resp"].json()["usage"]["completion_tokens"] == 3 * 8 * 240

@@ -287,10 +287,15 @@ class HuggingFaceBackend(Backend):
         return getattr(torch, _DTYPES[name])
 
     async def stop(self) -> None:
+        """Stop the decode thread and the workers, and wait for them: a thread still inside
+        torch while the interpreter exits aborts the process (exit code -6 instead of 0)."""
         with self._cv:
             self._stopping = True
             self._cv.notify_all()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        scheduler = self._scheduler
+        if scheduler is not None and scheduler.is_alive():
+            await asyncio.to_thread(scheduler.join, 30)
+        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
 
     # ------------------------------------------------------------ boundary
     def translate(self, exc: Exception, request_id: str | None) -> errors.HFServeError:
