@@ -48,8 +48,8 @@ def start(cmd: list[str], port: int, log: Path) -> subprocess.Popen:
         if proc.poll() is not None:
             raise RuntimeError(f"{cmd[:4]} exited {proc.returncode}; see {log}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/openai/v1/models" if "hfserve" in cmd else f"http://127.0.0.1:{port}/v1/models",
-                         timeout=2).status_code == 200:
+            probe = "/v2/health/ready" if "hfserve" in cmd else "/v1/models"  # vLLM serves HTTP only once ready
+            if httpx.get(f"http://127.0.0.1:{port}{probe}", timeout=2).status_code == 200:
                 return proc
         except httpx.HTTPError:
             pass
@@ -115,7 +115,7 @@ def main() -> None:
     p1 = free_port()
     vllm_cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--served-model-name",
                 "llama", "--port", str(p1), "--host", "127.0.0.1", "--max-model-len", ENGINE["max_model_len"],
-                "--dtype", ENGINE["dtype"], "--enforce-eager", "--disable-log-requests"]
+                "--dtype", ENGINE["dtype"], "--enforce-eager", "--no-enable-log-requests"]
     p2 = free_port()
     hf_cmd = [sys.executable, "-m", "hfserve", "--model_dir", str(model), "--model_name", "llama", "--backend", "vllm",
               "--http_port", str(p2), "--grpc_port", str(free_port()), "--host", "127.0.0.1",
