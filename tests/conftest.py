@@ -82,12 +82,12 @@ def start_server(
     *extra: str,
     wait_ready: bool = True,
     env: dict[str, str] | None = None,
+    entry: list[str] | None = None,
 ) -> ServerHandle:
+    """Start ``python -m hfserve`` (or ``entry``, which takes the same flags) on free ports."""
     http_port, grpc_port = free_port(), free_port()
     args = [
-        sys.executable,
-        "-m",
-        "hfserve",
+        *(entry or [sys.executable, "-m", "hfserve"]),
         "--model_dir",
         str(model_dir),
         "--model_name",

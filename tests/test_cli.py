@@ -134,3 +134,13 @@ def test_port_in_use_is_a_one_line_error(models):
         )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("hfserve: error: ")
+
+
+def test_backend_vllm_for_a_model_it_cannot_serve(models):
+    """--backend vllm never falls back silently: a one-line startup error instead."""
+    proc = run_cli("--model_dir", str(models["bert_cls"]), "--backend", "vllm", "--http_port", str(free_port()),
+                   "--grpc_port", str(free_port()), timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("hfserve: error: --backend vllm cannot serve this model")
+    assert "Traceback" not in proc.stderr

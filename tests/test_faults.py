@@ -1,60 +1,57 @@
 """Injected backend faults surface as contract errors on every family, and the server keeps serving.
 
-The server runs in this process (uvicorn in a thread) on a backend that fails on purpose, so the
-failures are real exceptions escaping a backend, not mocked responses.
+The server is a real process (tests/fault_server.py: hfserve with a backend that fails on purpose),
+so the failures are real exceptions escaping a backend, over HTTP and gRPC.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
+import sys
 import threading
 import time
 
 import httpx
+import numpy as np
 import openai
 import pytest
-import uvicorn
+import tritonclient.grpc as tgrpc
+from tritonclient.utils import InferenceServerException
 
-from hfserve.app import create_app
-from hfserve.backends.huggingface import HuggingFaceBackend
-from hfserve.service import ModelService
-from tests.conftest import free_port
+from tests.conftest import ROOT, start_server, stop_server
 from tests.contract import assert_error
 
 
-class FaultyBackend(HuggingFaceBackend):
-    """Fails when the prompt says so: before the first token, or after two steps."""
-
-    async def generate(self, prompt_ids, params, request_id):
-        text = self.tokenizer.decode(prompt_ids)
-        if "FAIL_BEFORE" in text:
-            raise RuntimeError("exploded in /secret/backend.py")
-        if "HANG" in text:
-            await asyncio.Event().wait()  # never answers
-        steps = 0
-        async for item in super().generate(prompt_ids, params, request_id):
-            yield item
-            steps += 1
-            if "FAIL_MID" in text and steps == 2:
-                raise KeyError("mid-stream failure at /secret/backend.py")
+@pytest.fixture(scope="module")
+def faulty_server(models, log_dir):
+    handle = start_server(
+        models["llama"], "faulty", log_dir, entry=[sys.executable, str(ROOT / "tests" / "fault_server.py")]
+    )
+    yield handle
+    assert stop_server(handle) == 0
 
 
 @pytest.fixture(scope="module")
-def faulty(models):
-    backend = FaultyBackend(str(models["llama"]))
-    service = ModelService("faulty", backend)
-    asyncio.run(service.start())
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_config=None, lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+def faulty(faulty_server):
+    return faulty_server.url
+
+
+def grpc_infer(server, text: str, **kwargs):
+    inp = tgrpc.InferInput("input-0", [1], "BYTES")
+    inp.set_data_from_numpy(np.array([text.encode()], dtype=np.object_))
+    with tgrpc.InferenceServerClient(server.grpc_host) as c:
+        return c.infer("faulty", [inp], parameters={"max_tokens": 2}, **kwargs)
+
+
+def test_grpc_family_internal_error_and_deadline(faulty_server):
+    with pytest.raises(InferenceServerException) as exc:
+        grpc_infer(faulty_server, "FAIL_BEFORE")
+    assert exc.value.status() == "StatusCode.INTERNAL"
+    assert exc.value.message().startswith("Internal server error (request id ")
+    with pytest.raises(InferenceServerException) as exc:
+        grpc_infer(faulty_server, "HANG", client_timeout=0.5)
+    assert exc.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+    assert grpc_infer(faulty_server, "hi").as_numpy("output-0").shape == (1,)  # still serving
 
 
 def test_internal_error_before_first_token_on_every_family(faulty):

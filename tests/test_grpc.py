@@ -421,3 +421,34 @@ def test_message_too_large_is_resource_exhausted(server_factory):
     rest = rest_infer(small, ["x" * 2000])
     assert rest.status_code == 413
     assert rest.headers["x-error-code"] == "request_too_large"
+
+
+# ------------------------------------------------------- both backends, API key
+def test_errors_are_the_same_on_both_backends(llama_any):
+    """The same contract errors, with the REST family's messages, whichever backend serves."""
+    texts = ["hi"]
+    with client(llama_any) as c:
+        too_long = grpc_error(c.infer, llama_any.name, [bytes_input(texts)], parameters={"max_tokens": 1000})
+        bad_value = grpc_error(c.infer, llama_any.name, [bytes_input(texts)], parameters={"temperature": 5.5})
+        unknown = grpc_error(c.infer, "nope", [bytes_input(texts)])
+    assert too_long.status() == bad_value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert too_long.message() == rest_error(rest_infer(llama_any, texts, {"max_tokens": 1000}), 400)
+    assert "1000" in too_long.message() and "256" in too_long.message()
+    assert bad_value.message() == rest_error(rest_infer(llama_any, texts, {"temperature": 5.5}), 400)
+    assert unknown.status() == "StatusCode.NOT_FOUND"
+
+
+def test_api_key_over_grpc(server_factory):
+    server = server_factory("bert_cls", "--api_key", "s3cret-key", name="keyed")
+    with client(server) as c:
+        assert c.is_server_live() and c.is_server_ready()  # health stays open
+        missing = grpc_error(c.infer, "keyed", [bytes_input(["x"])])
+        wrong = grpc_error(c.infer, "keyed", [bytes_input(["x"])], headers={"authorization": "Bearer nope"})
+        meta = grpc_error(c.get_model_metadata, "keyed")
+        out = c.infer("keyed", [bytes_input(["x"])], headers={"authorization": "Bearer s3cret-key"})
+    for err in (missing, wrong, meta):
+        assert err.status() == "StatusCode.UNAUTHENTICATED"
+        assert "s3cret" not in err.message()
+    assert missing.message() == rest_error(httpx.post(f"{server.url}/v1/models/keyed:predict", json={"instances": ["x"]},
+                                                      timeout=30), 401)
+    assert out.as_numpy(OUTPUT).shape == (1,)

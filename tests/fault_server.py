@@ -1,0 +1,40 @@
+"""A real hfserve process whose backend fails on purpose (started by tests/test_faults.py).
+
+Same command line as ``hfserve``; the transformers backend is replaced by one that, depending on
+the prompt, raises before the first token (FAIL_BEFORE), after two steps (FAIL_MID), or never
+answers (HANG). The failures are real exceptions escaping a backend, not mocked responses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from hfserve import server as hfserve_server
+from hfserve.backends.huggingface import HuggingFaceBackend
+from hfserve.cli import build_parser, resolve
+
+
+class FaultyBackend(HuggingFaceBackend):
+    async def generate(self, prompt_ids, params, request_id):
+        text = self.tokenizer.decode(prompt_ids)
+        if "FAIL_BEFORE" in text:
+            raise RuntimeError("exploded in /secret/backend.py")
+        if "HANG" in text:
+            await asyncio.Event().wait()  # never answers
+        steps = 0
+        async for item in super().generate(prompt_ids, params, request_id):
+            yield item
+            steps += 1
+            if "FAIL_MID" in text and steps == 2:
+                raise KeyError("mid-stream failure at /secret/backend.py")
+
+
+def main() -> None:
+    settings = resolve(build_parser().parse_args(sys.argv[1:]))
+    hfserve_server.create_backend = lambda s: FaultyBackend(s.model, task=s.task)
+    raise SystemExit(hfserve_server.run(settings))
+
+
+if __name__ == "__main__":
+    main()
