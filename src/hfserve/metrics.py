@@ -12,7 +12,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "hfserve_requests_total",
-            "HTTP requests answered, by API family and status code.",
+            "Requests answered, by API family (openai, v1, v2, grpc, other) and status (HTTP code, or gRPC status name).",
             ["family", "status"],
             registry=self.registry,
         )
