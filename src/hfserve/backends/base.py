@@ -129,6 +129,14 @@ class Backend(abc.ABC):
         recognised goes to :func:`hfserve.errors.classify` (logged, internal_error).
         """
 
+    def token_text(self, token_id: int) -> str:
+        """The text of one token, as shown in log-probabilities (cached: the vocabulary is fixed)."""
+        cache = self.__dict__.setdefault("_token_text_cache", {})
+        text = cache.get(token_id)
+        if text is None:
+            text = cache[token_id] = self.tokenizer.decode([token_id])
+        return text
+
     # generation ------------------------------------------------------
     def generate(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str

@@ -157,7 +157,6 @@ class VLLMBackend(Backend):
         self._dead = False
         self._load_future: asyncio.Future[Any] | None = None
         self._ids = itertools.count()
-        self._token_text: dict[int, str] = {}
 
     # ------------------------------------------------------------------ load
     def _engine_args(self) -> Any:
@@ -377,22 +376,15 @@ class VLLMBackend(Backend):
                 raise
             raise _InvalidSampling(str(exc)) from exc
 
-    def _token_str(self, token_id: int) -> str:
-        text = self._token_text.get(token_id)
-        if text is None:
-            text = self.tokenizer.decode([token_id])
-            self._token_text[token_id] = text
-        return text
-
     def _entry(self, token_id: int, candidates: dict[int, Any], k: int) -> TokenLogprob:
         """One position's logprobs: vLLM gives the chosen token plus the k most likely, with ranks."""
         chosen = candidates.get(token_id)
         top: list[tuple[int, str, float]] = []
         if k > 0:
             ranked = sorted(candidates.items(), key=lambda item: (item[1].rank or 0, -item[1].logprob))
-            top = [(int(tid), self._token_str(int(tid)), float(lp.logprob)) for tid, lp in ranked[:k]]
+            top = [(int(tid), self.token_text(int(tid)), float(lp.logprob)) for tid, lp in ranked[:k]]
         logprob = float(chosen.logprob) if chosen is not None else float("-inf")
-        return TokenLogprob(int(token_id), self._token_str(int(token_id)), logprob, top)
+        return TokenLogprob(int(token_id), self.token_text(int(token_id)), logprob, top)
 
     def _prompt_entries(self, prompt_ids: list[int], plps: Any, k: int) -> list[TokenLogprob | None]:
         entries: list[TokenLogprob | None] = [None]
