@@ -280,3 +280,16 @@ def test_user_input_in_messages_is_bounded_and_escaped(llama):
     resp = httpx.get(f"{llama.url}/v1/models/{name}", timeout=30)
     msg = assert_error(resp, "model_not_found")
     assert "\n" not in msg and len(msg) < 200
+
+
+def test_openai_prefix_is_configurable(models, log_dir):
+    """KSERVE_OPENAI_ROUTE_PREFIX moves the OpenAI family, its error shape included (as in KServe)."""
+    server = start_server(models["bert_cls"], "prefixed", log_dir, env={"KSERVE_OPENAI_ROUTE_PREFIX": "ai"})
+    try:
+        assert httpx.get(f"{server.url}/ai/v1/models", timeout=30).json()["data"][0]["id"] == "prefixed"
+        assert_error(httpx.get(f"{server.url}/ai/v1/models/other", timeout=30), "model_not_found", param="model",
+                     family="openai")
+        assert_error(httpx.get(f"{server.url}/ai/v1/nothing", timeout=30), "not_found", param=None, family="openai")
+        assert_error(httpx.get(f"{server.url}/openai/v1/models", timeout=30), "not_found", family="kserve")
+    finally:
+        assert stop_server(server) == 0
