@@ -163,6 +163,7 @@ def bench_generation(url: str, name: str, levels, per_level) -> list[dict]:
 
             await closed_loop(2, 4, call)  # warm-up
             for c in levels:
+                await closed_loop(c, c, call)  # one untimed round at this concurrency (batch shapes warm up)
                 wall, lat, toks = await closed_loop(c, per_level(c), call)
                 rows.append({"concurrency": c, "requests": len(toks), "tokens_per_s": sum(toks) / wall,
                              "p50_s": pct(lat, 0.5), "p95_s": pct(lat, 0.95)})  # fmt: skip
@@ -184,6 +185,7 @@ def bench_embeddings(url: str, name: str, levels, per_level) -> list[dict]:
 
             await closed_loop(4, 16, call)  # warm-up
             for c in levels:
+                await closed_loop(c, c, call)  # one untimed round at this concurrency
                 wall, lat, n = await closed_loop(c, per_level(c), call)
                 rows.append({"concurrency": c, "requests": len(n), "embeddings_per_s": sum(n) / wall,
                              "p50_s": pct(lat, 0.5), "p95_s": pct(lat, 0.95)})  # fmt: skip
@@ -399,11 +401,13 @@ def main() -> int:
     log_dir = pathlib.Path(tempfile.mkdtemp(prefix="hfserve-bench-"))
     started = time.monotonic()
 
+    # enough requests per level that one level runs for a second or more: with fewer
+    # (e.g. 4 rounds of 8 requests, ~0.3 s) one scheduling hiccup on a shared machine moves a ratio by 30%
     def gen_requests(c: int) -> int:
-        return max(4, int(c * (6 if c <= 4 else 4) * scale))
+        return max(8, int(c * 16 * scale))
 
     def emb_requests(c: int) -> int:
-        return max(32, int(c * 12 * scale))
+        return max(64, int(c * 24 * scale))
 
     results: dict = {
         "environment": {

@@ -81,11 +81,64 @@ def _config_max_len(config: Any, tokenizer: Any) -> int | None:
     return None
 
 
+class _Outbox:
+    """Hands items from the decode thread to one event loop, with few cross-thread wake-ups.
+
+    The decode thread calls :meth:`post` with every item of a step; :meth:`flush` then
+    hands them over in order with one ``call_soon_threadsafe`` — and none at all while
+    an earlier hand-over has not run yet (its callback takes everything posted since).
+    Each request still receives exactly the items it was sent, in order.
+    """
+
+    __slots__ = ("loop", "_lock", "_ready", "_staged", "_scheduled")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._ready: list[tuple[_Job, Any]] = []  # guarded by _lock: waiting for the loop
+        self._staged: list[tuple[_Job, Any]] = []  # decode thread only: not flushed yet
+        self._scheduled = False
+
+    def post(self, job: _Job, item: Any) -> None:
+        self._staged.append((job, item))
+
+    def flush(self) -> None:
+        if not self._staged:
+            return
+        staged, self._staged = self._staged, []
+        with self._lock:
+            self._ready.extend(staged)
+            if self._scheduled:
+                return
+            self._scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            with self._lock:
+                self._ready.clear()
+                self._scheduled = False
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._ready = self._ready, []
+            self._scheduled = False
+        for job, item in items:
+            job.queue.put_nowait(item)
+
+
 class _Job:
     """One generation request: its ``n`` sequences live as rows of a shared batch."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, prompt_ids: list[int], params: SamplingParams, request_id: str):
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        outbox: _Outbox | None = None,
+    ):
         self.loop = loop
+        self.outbox = outbox if outbox is not None else _Outbox(loop)
         self.prompt_ids = prompt_ids
         self.params = params
         self.request_id = request_id
@@ -105,8 +158,9 @@ class _Job:
         return self.params.n
 
     def emit(self, item: Any) -> None:
+        """Queue ``item`` for this request (decode thread only; sent at the next outbox flush)."""
         if not self.done:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+            self.outbox.post(self, item)
 
     def finish(self, exc: BaseException | None = None) -> None:
         """End the request (with its own error, if any); later emits are dropped."""
@@ -203,6 +257,7 @@ class HuggingFaceBackend(Backend):
         self._stopping = False
         self._encoder_decoder = False
         self._mergeable: bool | None = None  # can KV caches of different requests be concatenated?
+        self._outboxes: dict[asyncio.AbstractEventLoop, _Outbox] = {}  # one per event loop, see _Outbox
         #: counters for tests and benchmarks: encoder forward passes, generation prefills and decode steps
         self.stats: dict[str, int] = {"encoder_forwards": 0, "prefills": 0, "decode_steps": 0, "max_rows": 0}
 
@@ -325,7 +380,13 @@ class HuggingFaceBackend(Backend):
         self, prompt_ids: list[int], params: SamplingParams, request_id: str
     ) -> AsyncIterator[list[SequenceDelta]]:
         loop = asyncio.get_running_loop()
-        job = _Job(loop, prompt_ids, params, request_id)
+        with self._cv:
+            outbox = self._outboxes.get(loop)
+            if outbox is None:
+                if len(self._outboxes) > 8:  # loops of earlier asyncio.run() calls (tests)
+                    self._outboxes = {lp: ob for lp, ob in self._outboxes.items() if not lp.is_closed()}
+                outbox = self._outboxes[loop] = _Outbox(loop)
+        job = _Job(loop, prompt_ids, params, request_id, outbox)
         self._ensure_scheduler()
         with self._cv:
             self._incoming.append(job)
@@ -375,6 +436,13 @@ class HuggingFaceBackend(Backend):
                     for job in cohort.jobs:
                         job.finish(exc)
                 self._cohorts = []
+            finally:
+                self._flush_outboxes()
+
+    def _flush_outboxes(self) -> None:
+        """Decode thread: hand everything emitted so far to the event loops."""
+        for outbox in list(self._outboxes.values()):
+            outbox.flush()
 
     def _take_incoming(self) -> list[_Job] | None:
         """The requests to admit now (waiting for the batch window when idle); None to stop."""
@@ -567,11 +635,13 @@ class HuggingFaceBackend(Backend):
             job = cohort.rows[idxs[0]].job
             try:
                 chosen = [argmax[i] for i in idxs] if argmax is not None and self._plain_greedy(job) else None
-                self._sample_job(job, [cohort.rows[i] for i in idxs], cohort.logits[idxs], next_ids, idxs, chosen)
+                self._sample_job(job, [cohort.rows[i] for i in idxs], cohort.logits, next_ids, idxs, chosen)
             except Exception as exc:  # noqa: BLE001 - this request's own error
                 job.finish(exc)
                 for i in idxs:
                     cohort.rows[i].finished = True
+        # hand this step's tokens to the event loop now, so it works on them during the forward pass
+        self._flush_outboxes()
         keep = [i for i, row in enumerate(cohort.rows) if not row.finished]
         if not keep:
             self._cohorts.remove(cohort)
@@ -601,6 +671,9 @@ class HuggingFaceBackend(Backend):
         import torch
 
         params = job.params
+        # ``logits`` are the cohort's; this request's rows are ``idxs`` (sliced only when needed)
+        if params.logprobs is not None or chosen is None:
+            logits = logits[idxs]
         raw_lp = torch.log_softmax(logits, dim=-1) if params.logprobs is not None else None
         if chosen is not None:
             ids = chosen
@@ -612,10 +685,13 @@ class HuggingFaceBackend(Backend):
                     job.prompt_seen[torch.tensor(job.prompt_ids, dtype=torch.long, device=self.device)] = True
             ids = self._sample(logits, params, job.gen, job.counts[seq_idx], job.step, job.prompt_seen).tolist()
         stop_ids = set(params.stop_token_ids)
+        # the counts are read only by the penalties: without them, skip the per-token tensor update
+        count = params.repetition_penalty != 1.0 or bool(params.frequency_penalty) or bool(params.presence_penalty)
         deltas: list[SequenceDelta] = []
         for k, (row, tid) in enumerate(zip(rows, ids)):
             next_ids[idxs[k]] = tid
-            job.counts[row.index, tid] += 1
+            if count:
+                job.counts[row.index, tid] += 1
             delta = SequenceDelta(index=row.index, token_ids=[tid])
             if raw_lp is not None:
                 delta.logprobs = [self._logprob_entries(raw_lp[k], tid, params.logprobs or 0)]
