@@ -242,7 +242,6 @@ class HuggingFaceBackend(Backend):
         self.config: Any = None
         self.eos_token_ids: set[int] = set()
         self.pooling: tuple[str, bool] = ("mean", True)
-        self._token_text: dict[int, str] = {}
         self.max_batch_size = max(1, int(max_batch_size))
         self.max_batch_wait_ms = max(0.0, float(max_batch_wait_ms))
         # encoder tasks: merged forward passes
@@ -812,21 +811,14 @@ class HuggingFaceBackend(Backend):
             self._cohorts.insert(position, part)
             position += 1
 
-    def _token_str(self, token_id: int) -> str:
-        text = self._token_text.get(token_id)
-        if text is None:
-            text = self.tokenizer.decode([token_id])
-            self._token_text[token_id] = text
-        return text
-
     def _logprob_entries(self, logprobs_row: Any, token_id: int, k: int) -> TokenLogprob:
         import torch
 
         top: list[tuple[int, str, float]] = []
         if k > 0:
             values, ids = torch.topk(logprobs_row, k)
-            top = [(int(i), self._token_str(int(i)), float(v)) for v, i in zip(values.tolist(), ids.tolist())]
-        return TokenLogprob(token_id, self._token_str(token_id), float(logprobs_row[token_id]), top)
+            top = [(int(i), self.token_text(int(i)), float(v)) for v, i in zip(values.tolist(), ids.tolist())]
+        return TokenLogprob(token_id, self.token_text(token_id), float(logprobs_row[token_id]), top)
 
     def _sample(
         self, logits: Any, params: SamplingParams, gen: Any, counts: Any, step: int, prompt_seen: Any = None
