@@ -24,31 +24,38 @@ access_log = logging.getLogger("hfserve.access")
 _MAX_ID_LEN = 128
 
 
-def _client_request_id(scope: Scope) -> str | None:
-    for name, value in scope.get("headers", ()):
-        if name == b"x-request-id":
-            try:
-                rid = value.decode("ascii")
-            except UnicodeDecodeError:
-                return None
-            if 0 < len(rid) <= _MAX_ID_LEN and rid.isprintable() and rid.strip() == rid:
-                return rid
+def valid_request_id(value: object) -> str | None:
+    """A client's request id if it can be echoed back: ASCII, printable, 1-128 characters,
+    no surrounding space (HTTP header and gRPC metadata alike); else None."""
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("ascii")
+        except UnicodeDecodeError:
             return None
+    if (
+        isinstance(value, str)
+        and 0 < len(value) <= _MAX_ID_LEN
+        and value.isascii()
+        and value.isprintable()
+        and value.strip() == value
+    ):
+        return value
     return None
 
 
 def _headers(scope: Scope) -> dict[str, str]:
-    return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", ())}
-
-
-def _content_length(scope: Scope) -> int | None:
+    """The request's headers, read once (the first of repeated headers wins)."""
+    headers: dict[str, str] = {}
     for name, value in scope.get("headers", ()):
-        if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
-    return None
+        headers.setdefault(name.decode("latin-1"), value.decode("latin-1"))
+    return headers
+
+
+def _content_length(headers: dict[str, str]) -> int | None:
+    try:
+        return int(headers["content-length"])
+    except (KeyError, ValueError):
+        return None
 
 
 class ContractMiddleware:
@@ -74,7 +81,8 @@ class ContractMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rid = _client_request_id(scope) or uuid.uuid4().hex
+        headers = _headers(scope)
+        rid = valid_request_id(headers.get("x-request-id")) or uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
         path = scope.get("path", "")
         family = self.handling.family(path)
@@ -106,11 +114,10 @@ class ContractMiddleware:
         metrics.in_flight.labels(family).inc()
         try:
             try:
-                declared = _content_length(scope)
+                declared = _content_length(headers)
                 if declared is not None and declared > limit:
                     raise errors.RequestTooLarge(_too_large(limit))
                 method = scope.get("method", "GET")
-                headers = _headers(scope)
                 if self.api_key and not limits.is_open(method, path):
                     limits.check_api_key(self.api_key, headers.get("authorization"))
                 seconds = limits.parse_timeout(headers.get(limits.TIMEOUT_HEADER), self.request_timeout)

@@ -162,17 +162,23 @@ class ModelService:
         """Tokenize encoder inputs; over-long inputs are an error, never truncated."""
         if not texts:
             raise errors.InvalidRequest(f"{param} must contain at least one input", param=param)
-        out = []
-        for i, text in enumerate(texts):
-            ids = self.tokenize(text)
-            if len(ids) > self.backend.max_model_len:
+        inputs = [self.tokenize(text) for text in texts]
+        return self.check_inputs(inputs, param, indexed=len(texts) > 1 or param.endswith("s"))
+
+    def check_inputs(self, inputs: list[list[int]], param: str, *, indexed: bool = True) -> list[list[int]]:
+        """Encoder inputs as token ids: none empty, none longer than the context length."""
+        limit = self.backend.max_model_len
+        for i, ids in enumerate(inputs):
+            where = f"{param}.{i}" if indexed else param
+            if not ids:
+                raise errors.InvalidRequest("an input must not be empty", param=where)
+            if len(ids) > limit:
                 raise errors.ContextLengthExceeded(
                     f"Input {i} is {len(ids)} tokens long, more than the model's context length of "
-                    f"{self.backend.max_model_len} tokens; shorten it",
-                    param=f"{param}.{i}" if len(texts) > 1 or param.endswith("s") else param,
+                    f"{limit} tokens; shorten it",
+                    param=where,
                 )
-            out.append(ids)
-        return out
+        return inputs
 
     # ------------------------------------------------------------ generation
     def sampling_params(self, opts: SamplingOptions, prompt_tokens: int, **options: Any) -> SamplingParams:

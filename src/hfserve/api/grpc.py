@@ -31,7 +31,7 @@ import logging
 import struct
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
@@ -41,10 +41,11 @@ from google.protobuf import unknown_fields
 from .. import __version__, errors, limits
 from ..grpc_gen import grpc_predict_v2_pb2 as pb2
 from ..grpc_gen import grpc_predict_v2_pb2_grpc as pb2_grpc
+from ..middleware import valid_request_id
 from ..predict import Tensor, model_metadata, predict
 from ..service import ModelService
 from ..validation import validate
-from .kserve_v2 import EXTENSIONS, InferenceRequest, check_model, _wants_binary, input_texts
+from .kserve_v2 import EXTENSIONS, InferenceRequest, check_model, encode_bytes_tensor, input_texts, wants_binary
 
 if TYPE_CHECKING:
     from ..app import ErrorHandling
@@ -54,7 +55,6 @@ logger = logging.getLogger("hfserve.grpc")
 FAMILY = "grpc"
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 REQUEST_ID_KEY = "x-request-id"
-_MAX_ID_LEN = 128
 
 T = TypeVar("T")
 
@@ -64,25 +64,14 @@ _UINT64_PARAM_FIELD = 5  # uint64, wire type 0 (varint)
 
 
 # ----------------------------------------------------------------- helpers
-def _valid_id(value: Any) -> str | None:
-    if isinstance(value, bytes):
-        try:
-            value = value.decode("ascii")
-        except UnicodeDecodeError:
-            return None
-    if isinstance(value, str) and 0 < len(value) <= _MAX_ID_LEN and value.isprintable() and value.strip() == value:
-        return value
-    return None
-
-
 def request_id(context: grpc.aio.ServicerContext, request_field: str = "") -> str:
     """``x-request-id`` metadata, else the request's ``id`` field, else a new id."""
     for key, value in context.invocation_metadata() or ():
         if key.lower() == REQUEST_ID_KEY:
-            rid = _valid_id(value)
+            rid = valid_request_id(value)
             if rid:
                 return rid
-    return _valid_id(request_field) or uuid.uuid4().hex
+    return valid_request_id(request_field) or uuid.uuid4().hex
 
 
 def parameter_value(param: pb2.InferParameter, where: str) -> Any:
@@ -105,14 +94,6 @@ def parameter_value(param: pb2.InferParameter, where: str) -> Any:
 
 def parameters_dict(params: Any, where: str) -> dict[str, Any]:
     return {key: parameter_value(params[key], f"{where}.{key}") for key in params}
-
-
-def _encode_bytes_tensor(items: Iterable[str]) -> bytes:
-    out = bytearray()
-    for item in items:
-        b = item.encode("utf-8")
-        out += struct.pack("<I", len(b)) + b
-    return bytes(out)
 
 
 def request_model(request: pb2.ModelInferRequest) -> tuple[InferenceRequest, dict[str, bytes], bool]:
@@ -163,7 +144,7 @@ def output_tensor(tensor: Tensor, raw: bool) -> tuple[pb2.ModelInferResponse.Inf
     out = pb2.ModelInferResponse.InferOutputTensor(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
     if raw:
         if tensor.datatype == "BYTES":
-            return out, _encode_bytes_tensor(tensor.data)
+            return out, encode_bytes_tensor(tensor.data)
         dtype = {"INT64": "<i8", "FP32": "<f4"}[tensor.datatype]
         return out, np.asarray(tensor.data, dtype=dtype).tobytes()
     if tensor.datatype == "BYTES":
@@ -303,7 +284,7 @@ class InferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
             check_model(service, request.model_name, request.model_version)
             service.check_ready()
             texts = input_texts(req, raw)
-            _wants_binary(req)  # validates the requested outputs; binary_data is an HTTP notion
+            wants_binary(req)  # validates the requested outputs; binary_data is an HTTP notion
             params = {k: v for k, v in (req.parameters or {}).items() if k != "binary_data_output"}
             deadline = self._deadline(context)
             async with self.admission.slot(deadline):
@@ -320,25 +301,23 @@ class InferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
         return await self._call(context, rid, work)
 
     # ---------------------------------------------------------- repository
-    async def RepositoryModelLoad(
-        self, request: pb2.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
-    ) -> pb2.RepositoryModelLoadResponse:
-        async def work() -> pb2.RepositoryModelLoadResponse:
+    async def _not_supported(self, rpc: str, context: grpc.aio.ServicerContext) -> Any:
+        async def work() -> Any:
             raise errors.RouteNotFound(
-                f"RepositoryModelLoad is not supported: this server serves the one model {self.service.name}, loaded at startup"
+                f"{rpc} is not supported: this server serves the one model {self.service.name}, loaded at startup"
             )
 
         return await self._call(context, request_id(context), work)
+
+    async def RepositoryModelLoad(
+        self, request: pb2.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
+    ) -> pb2.RepositoryModelLoadResponse:
+        return await self._not_supported("RepositoryModelLoad", context)
 
     async def RepositoryModelUnload(
         self, request: pb2.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
     ) -> pb2.RepositoryModelUnloadResponse:
-        async def work() -> pb2.RepositoryModelUnloadResponse:
-            raise errors.RouteNotFound(
-                f"RepositoryModelUnload is not supported: this server serves the one model {self.service.name}, loaded at startup"
-            )
-
-        return await self._call(context, request_id(context), work)
+        return await self._not_supported("RepositoryModelUnload", context)
 
 
 # ------------------------------------------------------------------ server

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Annotated, Any
 
 import numpy as np
@@ -123,7 +123,8 @@ def _decode_bytes_tensor(raw: bytes, where: str) -> list[bytes]:
     return items
 
 
-def _encode_bytes_tensor(items: list[str]) -> bytes:
+def encode_bytes_tensor(items: Iterable[str]) -> bytes:
+    """BYTES elements in the binary tensor format: each a 4-byte little-endian length, then the bytes."""
     out = bytearray()
     for item in items:
         b = item.encode("utf-8")
@@ -211,7 +212,7 @@ def input_texts(req: InferenceRequest, raw: dict[str, bytes]) -> list[str]:
     return texts
 
 
-def _wants_binary(req: InferenceRequest) -> bool:
+def wants_binary(req: InferenceRequest) -> bool:
     if req.outputs:
         for i, out in enumerate(req.outputs):
             if out.name != OUTPUT_NAME:
@@ -228,7 +229,7 @@ def infer_response(service: ModelService, req_id: str, tensor: Tensor, binary: b
     if not binary:
         out["data"] = tensor.data
         return JSONResponse(body)
-    raw = _encode_bytes_tensor(tensor.data) if tensor.datatype == "BYTES" else tensor.as_numpy().tobytes()
+    raw = encode_bytes_tensor(tensor.data) if tensor.datatype == "BYTES" else tensor.as_numpy().tobytes()
     out["parameters"] = {"binary_data_size": len(raw)}
     head = json.dumps(body).encode("utf-8")
     return Response(
@@ -298,7 +299,7 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
     check_model(service, name, version)
     service.check_ready()
     texts = input_texts(req, raw)
-    binary = _wants_binary(req)
+    binary = wants_binary(req)
     params = {k: v for k, v in (req.parameters or {}).items() if k != "binary_data_output"}
     result: Prediction = await until_disconnect(
         request, predict(service, texts, params or None, request_id(request), param="inputs.0.data")

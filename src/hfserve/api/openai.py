@@ -7,7 +7,9 @@ SDK reads them unchanged. Errors are rendered as the OpenAI error object.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import json
 import math
 import time
 import uuid
@@ -44,26 +46,17 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 
 
 # --------------------------------------------------------------------- errors
+def error_body(err: errors.HFServeError) -> dict[str, Any]:
+    """The OpenAI error object: all four keys, always."""
+    return {"error": {"message": err.message, "type": err.error_class.openai_type, "param": err.param, "code": err.code}}
+
+
 def render_error(err: errors.HFServeError) -> Response:
-    body = {
-        "error": {
-            "message": err.message,
-            "type": err.error_class.openai_type,
-            "param": err.param,
-            "code": err.code,
-        }
-    }
-    return JSONResponse(body, status_code=err.http_status)
+    return JSONResponse(error_body(err), status_code=err.http_status)
 
 
 def error_event(err: errors.HFServeError) -> str:
-    import json
-
-    return sse(
-        json.dumps(
-            {"error": {"message": err.message, "type": err.error_class.openai_type, "param": err.param, "code": err.code}}
-        )
-    )
+    return sse(json.dumps(error_body(err)))
 
 
 DONE = sse("[DONE]")
@@ -238,8 +231,6 @@ async def create_completion(request: Request) -> Response:
         return await _stream_completion(request, service, body, prompts, params, cid, created)
 
     async def run() -> list[Generation]:
-        import asyncio
-
         return list(
             await asyncio.gather(*(service.generate_full(ids, p, rid) for (ids, _), p in zip(prompts, params)))
         )
@@ -491,20 +482,12 @@ async def create_embeddings(request: Request) -> Response:
     elif inp and all(isinstance(x, str) for x in inp):
         inputs = service.encode_inputs(list(inp), "input")  # type: ignore[arg-type]
     elif inp and all(isinstance(x, int) for x in inp):
-        inputs = [service.check_token_ids(list(inp), "input")]  # type: ignore[arg-type]
+        inputs = service.check_inputs([service.check_token_ids(list(inp), "input")], "input")  # type: ignore[arg-type]
     elif inp:
-        inputs = [service.check_token_ids(list(x), f"input.{i}") for i, x in enumerate(inp)]  # type: ignore[arg-type]
+        ids_lists = [service.check_token_ids(list(x), f"input.{i}") for i, x in enumerate(inp)]  # type: ignore[arg-type]
+        inputs = service.check_inputs(ids_lists, "input")
     else:
         raise errors.InvalidRequest("input must not be empty", param="input")
-    for i, ids in enumerate(inputs):
-        if not ids:
-            raise errors.InvalidRequest("an input must not be empty", param=f"input.{i}")
-        if len(ids) > service.backend.max_model_len:
-            raise errors.ContextLengthExceeded(
-                f"Input {i} is {len(ids)} tokens long, more than the model's context length of "
-                f"{service.backend.max_model_len} tokens",
-                param=f"input.{i}",
-            )
     vectors = await until_disconnect(request, service.embed(inputs))
     if body.dimensions is not None and vectors and body.dimensions != len(vectors[0]):
         raise errors.UnsupportedParameter(

@@ -20,6 +20,36 @@ from .. import errors
 from ..tasks import Task
 
 
+#: ``--dtype`` spellings -> the dtype they name
+DTYPE_ALIASES = {
+    "float32": "float32",
+    "float": "float32",
+    "fp32": "float32",
+    "float16": "float16",
+    "half": "float16",
+    "fp16": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+}
+
+
+def resolve_dtype(name: str | None, *, gpu: bool, config_dtype: Any = None) -> str:
+    """The weight dtype for ``--dtype``, the same on every backend.
+
+    ``auto`` is float32 on CPU and, on a GPU, the model config's half type (else float16).
+    Raises ValueError for a name that is no dtype.
+    """
+    name = (name or "auto").lower()
+    if name == "auto":
+        if not gpu:
+            return "float32"
+        configured = str(config_dtype or "").removeprefix("torch.")
+        return configured if configured in ("float16", "bfloat16") else "float16"
+    if name not in DTYPE_ALIASES:
+        raise ValueError(f"unsupported --dtype {name!r}; use auto, float32, float16 or bfloat16")
+    return DTYPE_ALIASES[name]
+
+
 @dataclass
 class SamplingParams:
     """Validated generation parameters, the same for every backend."""

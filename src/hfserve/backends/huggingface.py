@@ -35,23 +35,12 @@ from typing import Any
 from .. import errors
 from ..tasks import Task, TaskInferenceError, infer_task, sentence_transformers_max_len, sentence_transformers_pooling
 from .batching import MicroBatcher
-from .base import Backend, Capabilities, SamplingParams, SequenceDelta, TokenLogprob
+from .base import Backend, Capabilities, SamplingParams, SequenceDelta, TokenLogprob, resolve_dtype
 from .textstream import TextStream
 
 logger = logging.getLogger("hfserve.backends.huggingface")
 
 _DONE = object()
-
-_DTYPES = {
-    "float32": "float32",
-    "float": "float32",
-    "fp32": "float32",
-    "float16": "float16",
-    "half": "float16",
-    "fp16": "float16",
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-}
 
 _MODEL_CLASSES = {
     Task.text_generation: "AutoModelForCausalLM",
@@ -328,17 +317,11 @@ class HuggingFaceBackend(Backend):
         )
 
     def _resolve_dtype(self, torch: Any, device: str) -> Any:
-        name = (self.dtype_name or "auto").lower()
-        if name == "auto":
-            if device == "cpu":
-                return torch.float32
-            cfg_dtype = getattr(self.config, "dtype", None) or getattr(self.config, "torch_dtype", None)
-            if isinstance(cfg_dtype, str):
-                cfg_dtype = getattr(torch, cfg_dtype, None)
-            return cfg_dtype if cfg_dtype in (torch.float16, torch.bfloat16) else torch.float16
-        if name not in _DTYPES:
-            raise BackendLoadError(f"unsupported --dtype {self.dtype_name!r}; use auto, float32, float16 or bfloat16")
-        return getattr(torch, _DTYPES[name])
+        config_dtype = getattr(self.config, "dtype", None) or getattr(self.config, "torch_dtype", None)
+        try:
+            return getattr(torch, resolve_dtype(self.dtype_name, gpu=device != "cpu", config_dtype=config_dtype))
+        except ValueError as exc:
+            raise BackendLoadError(str(exc)) from None
 
     async def stop(self) -> None:
         """Stop the decode thread and the workers, and wait for them: a thread still inside

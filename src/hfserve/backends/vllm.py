@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import errors
 from ..tasks import Task, TaskInferenceError, infer_task, sentence_transformers_pooling
-from .base import Backend, Capabilities, SamplingParams, SequenceDelta, TokenLogprob
+from .base import Backend, Capabilities, SamplingParams, SequenceDelta, TokenLogprob, resolve_dtype
 
 if TYPE_CHECKING:
     from ..cli import Settings
@@ -36,8 +36,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("hfserve.backends.vllm")
 
 SUPPORTED_TASKS = (Task.text_generation, Task.text_embedding)
-
-_DTYPES = {"float": "float32", "fp32": "float32", "half": "float16", "fp16": "float16", "bf16": "bfloat16"}
 
 #: sentence-transformers pooling modes (as the HF backend reads them) -> vLLM's sequence pooling types
 _POOLING = {"mean": "MEAN", "cls": "CLS", "lasttoken": "LAST"}
@@ -190,15 +188,13 @@ class VLLMBackend(Backend):
         return AsyncEngineArgs(**kwargs)
 
     def _dtype(self, cpu: bool) -> str:
-        """Like the HF backend: auto is float32 on CPU, the config's half type (else float16) on GPU."""
-        name = (self.settings.args.dtype or "auto").lower()
-        if name != "auto":
-            return _DTYPES.get(name, name)
-        if cpu:
-            return "float32"
-        config = _model_config(self.settings) or {}
-        cfg_dtype = str(config.get("dtype") or config.get("torch_dtype") or "")
-        return cfg_dtype if cfg_dtype in ("float16", "bfloat16") else "float16"
+        """The same rule as the HF backend (:func:`resolve_dtype`)."""
+        name = self.settings.args.dtype
+        config_dtype = None
+        if not cpu and (name or "auto").lower() == "auto":  # only then does the config's dtype matter
+            config = _model_config(self.settings) or {}
+            config_dtype = config.get("dtype") or config.get("torch_dtype")
+        return resolve_dtype(name, gpu=not cpu, config_dtype=config_dtype)
 
     def _load(self) -> None:
         import transformers
@@ -354,7 +350,7 @@ class VLLMBackend(Backend):
                 n=n,
                 temperature=params.temperature,
                 top_p=params.top_p,
-                top_k=params.top_k if params.top_k and params.top_k > 0 else 0,
+                top_k=params.top_k,  # build_params makes 'no top-k' 0
                 seed=params.seed if not params.greedy else None,
                 stop=list(params.stop),
                 stop_token_ids=list(params.stop_token_ids),
