@@ -24,16 +24,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import datetime
 import json
 import os
 import pathlib
 import platform
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +38,10 @@ import httpx
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from tests.servers import ServerHandle, start_server, stop_server, wait_until_ready  # noqa: E402
+
+QUIET = ("--disable_log_requests",)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -75,12 +75,6 @@ NOTES_MARKER = "<!-- notes -->"
 
 
 # ------------------------------------------------------------------ helpers
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -88,45 +82,6 @@ def pct(values: list[float], q: float) -> float:
     k = (len(values) - 1) * q
     lo, hi = int(k), min(int(k) + 1, len(values) - 1)
     return values[lo] + (values[hi] - values[lo]) * (k - lo)
-
-
-class Server:
-    def __init__(self, model_dir: pathlib.Path, name: str, *extra: str, log_dir: pathlib.Path, timeout: float = 300):
-        self.name = name
-        self.port = free_port()
-        self.log_path = log_dir / f"{name}-{self.port}.log"
-        args = [
-            sys.executable, "-m", "hfserve",
-            "--model_dir", str(model_dir), "--model_name", name,
-            "--http_port", str(self.port), "--grpc_port", str(free_port()),
-            "--host", "127.0.0.1", "--disable_log_requests", *extra,
-        ]  # fmt: skip
-        self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{name} exited:\n{self.log_path.read_text(errors='replace')[-3000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{self.url}/v2/health/ready", timeout=2).status_code == 200:
-                    return
-            time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"{name} not ready after {timeout}s")
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
 
 
 async def closed_loop(concurrency: int, total: int, call) -> tuple[float, list[float], list]:
@@ -440,36 +395,37 @@ def main() -> int:
 
     gc.collect()
 
-    servers: list[Server] = []
+    servers: list[ServerHandle] = []
     try:
         print("transformers backend: generation ...", flush=True)
-        s = Server(llama, "llama", "--backend", "huggingface", log_dir=log_dir)
+        s = start_server(llama, "llama", log_dir, *QUIET, "--backend", "huggingface")
         servers.append(s)
         results["generation"]["transformers"] = bench_generation(s.url, "llama", GEN_LEVELS, gen_requests)
         print("error path ...", flush=True)
         results["error_path"] = bench_error_path(s.url, "llama", int(300 * scale))
-        s.stop()
+        stop_server(s)
         print("transformers backend: embeddings ...", flush=True)
-        s = Server(minilm, "minilm", "--backend", "huggingface", log_dir=log_dir)
+        s = start_server(minilm, "minilm", log_dir, *QUIET, "--backend", "huggingface")
         servers.append(s)
         results["embeddings"] = bench_embeddings(s.url, "minilm", EMB_LEVELS, emb_requests)
-        s.stop()
+        stop_server(s)
         if have_vllm:
             import vllm
 
             results["environment"]["vllm"] = vllm.__version__
             print("vLLM backend: generation (engine start takes about a minute) ...", flush=True)
             try:
-                s = Server(llama, "llama", "--backend", "vllm", log_dir=log_dir, timeout=400)
+                s = start_server(llama, "llama", log_dir, *QUIET, "--backend", "vllm", wait_ready=False)
                 servers.append(s)
+                wait_until_ready(s, timeout=400)
                 results["generation"]["vllm"] = bench_generation(s.url, "llama", GEN_LEVELS, gen_requests)
             except Exception as exc:  # noqa: BLE001 - report and carry on
                 print(f"vLLM backend skipped: {exc}", file=sys.stderr)
             finally:
-                s.stop()
+                stop_server(s)
     finally:
         for s in servers:
-            s.stop()
+            stop_server(s)
 
     print("in-process ceilings again ...", flush=True)
     ceilings()

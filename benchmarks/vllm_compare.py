@@ -16,7 +16,6 @@ import argparse
 import asyncio
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,14 +29,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.fixtures.build_models import build_all  # noqa: E402
+from tests.servers import free_port  # noqa: E402
 
 ENGINE = {"max_model_len": "256", "dtype": "float32"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(cmd: list[str], port: int, log: Path) -> subprocess.Popen:

@@ -11,7 +11,7 @@ import pytest
 
 from hfserve.cli import build_parser, resolve
 from hfserve.tasks import Task, TaskInferenceError, infer_task, parse_task
-from tests.conftest import free_port, start_server, stop_server
+from tests.servers import free_port, start_server, stop_server
 
 
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:

@@ -7,7 +7,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import start_server, stop_server
+from tests.servers import start_server, stop_server
 from tests.contract import assert_error
 
 JSON = {"content-type": "application/json"}

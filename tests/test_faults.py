@@ -18,7 +18,8 @@ import pytest
 import tritonclient.grpc as tgrpc
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import ROOT, start_server, stop_server
+from tests.conftest import ROOT
+from tests.servers import start_server, stop_server
 from tests.contract import assert_error
 
 

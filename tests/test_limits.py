@@ -14,7 +14,7 @@ import pytest
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import start_server, stop_server
+from tests.servers import start_server, stop_server
 from tests.contract import assert_error
 
 # ~15k tokens: long enough to still be running after a second, even with batching
