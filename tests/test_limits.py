@@ -11,6 +11,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
+import tritonclient.grpc as tgrpc
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
@@ -51,6 +52,13 @@ def test_overloaded_beyond_concurrency_and_queue(server_factory):
             resp = httpx.post(f"{server.url}{path}", json=req, timeout=30)
             msg = assert_error(resp, "overloaded", param=None)
             assert "1 concurrent" in msg
+        # gRPC ModelInfer takes a slot from the same pool: UNAVAILABLE with the same message
+        inp = tgrpc.InferInput("input-0", [1], "BYTES")
+        inp.set_data_from_numpy(np.array([b"x"], dtype=np.object_))
+        with tgrpc.InferenceServerClient(server.grpc_host) as g, pytest.raises(InferenceServerException) as exc:
+            g.infer("llama_one", [inp], parameters={"max_tokens": 2})
+        assert exc.value.status() == "StatusCode.UNAVAILABLE"
+        assert exc.value.message() == msg
         # health, readiness and metrics are not model work: they still answer
         assert httpx.get(f"{server.url}/v2/health/ready", timeout=10).status_code == 200
         assert httpx.get(f"{server.url}/metrics", timeout=10).status_code == 200
@@ -120,10 +128,16 @@ def test_timeout_mid_stream_is_reported_in_the_stream(server_factory):
 
 
 def test_timeout_header_is_validated(llama):
-    for bad in ["soon", "-1", "0", "1e9"]:
-        resp = httpx.post(f"{llama.openai_url}/completions", json={"model": "llama", "prompt": "x"},
-                          headers={"x-request-timeout": bad}, timeout=30)
-        assert_error(resp, "invalid_request", param=None)
+    routes = [
+        ("/openai/v1/completions", {"model": "llama", "prompt": "x"}),
+        ("/v1/models/llama:predict", {"instances": ["x"]}),
+        ("/v2/models/llama/generate", {"text_input": "x"}),
+    ]
+    for path, body in routes:
+        for bad in ["soon", "-1", "0", "1e9"]:
+            resp = httpx.post(f"{llama.url}{path}", json=body, headers={"x-request-timeout": bad}, timeout=30)
+            msg = assert_error(resp, "invalid_request", param=None)
+            assert "x-request-timeout" in msg
 
 
 # --------------------------------------------------------------------- api key
