@@ -135,15 +135,17 @@ def test_concurrent_greedy_equals_sequential_and_generate(llama_backend):
     b = llama_backend
     prompts = [b.tokenizer(p)["input_ids"] for p in PROMPTS]
     sequential = [run(collect(b, p, greedy()))[0][0] for p in prompts]
-    steps = b.stats["decode_steps"]
+    steps, prefills = b.stats["decode_steps"], b.stats["prefills"]
 
     async def concurrent():
         return await asyncio.gather(*(collect(b, p, greedy()) for p in prompts))
 
     batched = [r[0][0] for r in run(concurrent())]
     assert batched == sequential
-    # the four requests shared forward passes: 15 decode steps each, not 60 in all
+    # the four requests shared forward passes: 15 decode steps each, not 60 in all,
+    # and their prompts (of different lengths) went through one left-padded prefill
     assert b.stats["decode_steps"] - steps < 2 * 15
+    assert b.stats["prefills"] - prefills == 1
     assert b.stats["max_rows"] >= 2
     for p, got in zip(prompts, sequential):
         with torch.inference_mode():

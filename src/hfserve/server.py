@@ -7,7 +7,7 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
@@ -141,6 +141,16 @@ class Server:
         return self.exit_code
 
 
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop where it is installed (uvicorn[standard] brings it): the event loop does the
+    HTTP, JSON and hand-over work of every request, and uvloop does it at about half the cost."""
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
 def run(settings: Settings) -> int:
     configure_logging()
     try:
@@ -149,7 +159,11 @@ def run(settings: Settings) -> int:
         sys.stderr.write(f"hfserve: error: {exc}\n")
         return 2
     try:
-        return asyncio.run(server.serve())
+        factory = _loop_factory()
+        if factory is None or sys.version_info < (3, 11):
+            return asyncio.run(server.serve())
+        with asyncio.Runner(loop_factory=factory) as runner:
+            return runner.run(server.serve())
     except OSError as exc:  # e.g. a port already in use
         sys.stderr.write(f"hfserve: error: {exc}\n")
         return 2

@@ -14,7 +14,6 @@ from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import __version__, errors
@@ -23,7 +22,7 @@ from ..sampling import SamplingOptions
 from ..service import ModelService
 from ..tasks import Task
 from ..validation import check_content_type, load_json, validate
-from .routing import ContractRoute, json_schema_body, read_json, request_id, sse, sse_response, until_disconnect
+from .routing import ContractRoute, JSONResponse, dump_json, json_schema_body, read_json, request_id, sse, sse_response, until_disconnect
 
 router = APIRouter(prefix="/v2", route_class=ContractRoute, tags=["v2"])
 root_router = APIRouter(route_class=ContractRoute, tags=["server"])
@@ -231,7 +230,7 @@ def infer_response(service: ModelService, req_id: str, tensor: Tensor, binary: b
         return JSONResponse(body)
     raw = encode_bytes_tensor(tensor.data) if tensor.datatype == "BYTES" else tensor.as_numpy().tobytes()
     out["parameters"] = {"binary_data_size": len(raw)}
-    head = json.dumps(body).encode("utf-8")
+    head = dump_json(body)
     return Response(
         head + raw, media_type="application/octet-stream", headers={BINARY_HEADER: str(len(head))}
     )

@@ -18,7 +18,6 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, Request, Response
-from fastapi.responses import JSONResponse
 from openai.types import Completion, CompletionChoice, CompletionUsage
 from openai.types import Model as OpenAIModel
 from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessage, ChatCompletionTokenLogprob
@@ -37,7 +36,7 @@ from ..chat import ChatMessage
 from ..sampling import SamplingOptions
 from ..service import Generation, ModelService, merge
 from ..tasks import Task
-from .routing import ContractRoute, json_schema_body, read_json, request_id, sse, sse_response, until_disconnect
+from .routing import ContractRoute, JSONResponse, json_schema_body, read_json, request_id, sse, sse_response, until_disconnect
 
 router = APIRouter(route_class=ContractRoute, tags=["openai"])
 

@@ -374,14 +374,27 @@ class HuggingFaceBackend(Backend):
             self._incoming.append(job)
             self._cv.notify_all()
         try:
-            while True:
+            done = False
+            while not done:
+                # everything the decode thread has sent so far goes out as one list: under load a
+                # consumer that fell a step behind catches up in one wake-up, not one per step
+                deltas: list[SequenceDelta] = []
                 item = await job.queue.get()
-                if item is _DONE:
-                    break
-                if isinstance(item, BaseException):
-                    with self.map_exceptions(request_id):
-                        raise item
-                yield item
+                while True:
+                    if item is _DONE:
+                        done = True
+                        break
+                    if isinstance(item, BaseException):
+                        if deltas:
+                            yield deltas
+                        with self.map_exceptions(request_id):
+                            raise item
+                    deltas.extend(item)
+                    if job.queue.empty():
+                        break
+                    item = job.queue.get_nowait()
+                if deltas:
+                    yield deltas
         finally:
             if not job.done:
                 job.cancelled.set()
@@ -478,17 +491,68 @@ class HuggingFaceBackend(Backend):
         if self._encoder_decoder:
             self._admit_encoder_decoder(jobs)
             return
+        started: list[_Job] = []
         for job in jobs:
             try:
                 self._start_job(job)
+            except Exception as exc:  # noqa: BLE001 - this request's own error
+                job.finish(exc)
+                continue
+            started.append(job)
+        # requests admitted together share one (left-padded) prefill, as a batched ``generate`` would;
+        # prompt log-probabilities need every position's logits, so those requests prefill alone
+        together = [j for j in started if j.params.prompt_logprobs is None] if self._mergeable else []
+        alone = [j for j in started if j not in together] if len(together) > 1 else started
+        if len(together) > 1:
+            try:
+                self._add_cohort(self._prefill_together(together))
+            except Exception as exc:  # noqa: BLE001 - retried one by one below
+                logger.warning("a batched prefill of %d requests failed (%s); running them one by one", len(together), type(exc).__name__)
+                alone = started
+        for job in alone:
+            try:
                 cohort = self._prefill(job)
             except Exception as exc:  # noqa: BLE001 - this request's own error
                 job.finish(exc)
                 continue
-            if self._mergeable and self._cohorts:
-                self._cohorts[0] = self._merge(self._cohorts[0], cohort)
-            else:
-                self._cohorts.append(cohort)
+            self._add_cohort(cohort)
+
+    def _add_cohort(self, cohort: _Cohort) -> None:
+        if self._mergeable and self._cohorts:
+            self._cohorts[0] = self._merge(self._cohorts[0], cohort)
+        else:
+            self._cohorts.append(cohort)
+
+    def _prefill_together(self, jobs: list[_Job]) -> _Cohort:
+        """Decoder-only: the prompts of several requests as one left-padded batch, ``n`` rows each."""
+        import torch
+
+        width = max(len(job.prompt_ids) for job in jobs)
+        pad = self.tokenizer.pad_token_id or 0
+        ids = torch.full((len(jobs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(jobs), width), dtype=torch.long)
+        for row, job in enumerate(jobs):
+            ids[row, width - len(job.prompt_ids) :] = torch.tensor(job.prompt_ids, dtype=torch.long)
+            mask[row, width - len(job.prompt_ids) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        self.stats["prefills"] += 1
+        cache = out.past_key_values
+        logits = out.logits[:, -1, :].float()
+        rows = torch.tensor([job.rows for job in jobs], device=self.device)
+        if int(rows.max()) > 1:  # n > 1: each request's row repeated n times
+            index = torch.repeat_interleave(torch.arange(len(jobs), device=self.device), rows)
+            cache.batch_select_indices(index)
+            mask, logits = mask[index], logits[index]
+        seqs: list[_Seq] = []
+        for job in jobs:
+            job.counts = torch.zeros((job.rows, logits.shape[-1]), dtype=torch.float32, device=self.device)
+            seqs.extend(self._new_rows(job))
+        cohort = _Cohort(seqs, cache, logits.clone())
+        cohort.mask = mask
+        cohort.positions = mask.sum(dim=1)
+        return cohort
 
     def _prefill(self, job: _Job) -> _Cohort:
         """Decoder-only: run one prompt alone (exactly as ``generate`` would), n rows."""
