@@ -33,8 +33,7 @@ import statistics
 import sys
 import tempfile
 import time
-
-import httpx
+from typing import Any
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -84,96 +83,148 @@ def pct(values: list[float], q: float) -> float:
     return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
-async def closed_loop(concurrency: int, total: int, call) -> tuple[float, list[float], list]:
-    """``concurrency`` workers run ``call(i)`` until ``total`` calls are done; (wall, latencies, results)."""
+class Connection:
+    """One keep-alive HTTP/1.1 connection: the load generator's client.
+
+    The load generator shares the machine's cores with the server, so every millisecond of
+    CPU it spends on a request is taken from the server and measured as server slowness.
+    httpx spends about 1.8 ms of CPU per request (on the 2-core machine of docs/benchmarks.md);
+    this client, like wrk or oha, sends pre-encoded requests over one persistent connection and
+    reads the status line, the headers and a Content-Length or chunked body: about 0.2 ms.
+    Responses are still checked: the status must be the expected one and the body is decoded.
+    """
+
+    def __init__(self, url: str):
+        host, _, port = url.removeprefix("http://").rstrip("/").partition(":")
+        self.host, self.port = host, int(port or 80)
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def request(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        assert self.reader is not None
+        head = f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+        if body:
+            head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        self.writer.write(head.encode() + b"\r\n" + body)
+        status = int((await self.reader.readuntil(b"\r\n")).split(b" ", 2)[1])
+        length, chunked, close = 0, False, False
+        for line in (await self.reader.readuntil(b"\r\n\r\n")).split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            name, value = name.strip().lower(), value.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"transfer-encoding":
+                chunked = b"chunked" in value
+            elif name == b"connection":
+                close = value == b"close"
+        if chunked:
+            parts = []
+            while size := int((await self.reader.readuntil(b"\r\n")).strip(), 16):
+                parts.append((await self.reader.readexactly(size + 2))[:-2])
+            await self.reader.readuntil(b"\r\n")
+            payload = b"".join(parts)
+        else:
+            payload = await self.reader.readexactly(length)
+        if close:
+            await self.close()
+        return status, payload
+
+    async def post_json(self, path: str, body: bytes, expect: int = 200) -> Any:
+        status, payload = await self.request("POST", path, body)
+        if status != expect:
+            raise RuntimeError(f"POST {path}: expected {expect}, got {status}: {payload[:300]!r}")
+        return json.loads(payload)
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.reader = self.writer = None
+
+
+async def closed_loop(url: str, concurrency: int, total: int, call) -> tuple[float, list[float], list]:
+    """``concurrency`` workers, one connection each, run ``call(conn, i)`` until ``total`` calls
+    are done; (wall, latencies, results)."""
     latencies: list[float] = []
     results: list = []
     counter = iter(range(total))
 
     async def worker() -> None:
-        for i in counter:
-            t0 = time.perf_counter()
-            results.append(await call(i))
-            latencies.append(time.perf_counter() - t0)
+        conn = Connection(url)
+        try:
+            for i in counter:
+                t0 = time.perf_counter()
+                results.append(await call(conn, i))
+                latencies.append(time.perf_counter() - t0)
+        finally:
+            await conn.close()
 
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return time.perf_counter() - t0, latencies, results
 
 
-def bench_generation(url: str, name: str, levels, per_level) -> list[dict]:
+def bench_levels(url: str, path: str, bodies: list[bytes], count, levels, per_level, unit: str, warmup: int) -> list[dict]:
+    """Closed-loop runs at each concurrency level; ``count(response)`` is the work a response did."""
+
+    async def call(conn: Connection, i: int) -> int:
+        return count(await conn.post_json(path, bodies[i % len(bodies)]))
+
     async def run() -> list[dict]:
         rows = []
-        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-        async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
-
-            async def call(i: int) -> int:
-                r = await client.post(
-                    "/openai/v1/completions",
-                    json={"model": name, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": GEN_TOKENS,
-                          "temperature": 0, "ignore_eos": True},
-                )  # fmt: skip
-                r.raise_for_status()
-                return r.json()["usage"]["completion_tokens"]
-
-            await closed_loop(2, 4, call)  # warm-up
-            for c in levels:
-                await closed_loop(c, c, call)  # one untimed round at this concurrency (batch shapes warm up)
-                wall, lat, toks = await closed_loop(c, per_level(c), call)
-                rows.append({"concurrency": c, "requests": len(toks), "tokens_per_s": sum(toks) / wall,
-                             "p50_s": pct(lat, 0.5), "p95_s": pct(lat, 0.95)})  # fmt: skip
+        await closed_loop(url, 4, warmup, call)
+        for c in levels:
+            await closed_loop(url, c, 2 * c, call)  # two untimed rounds at this concurrency (batch shapes warm up)
+            wall, lat, done = await closed_loop(url, c, per_level(c), call)
+            rows.append({"concurrency": c, "requests": len(done), f"{unit}_per_s": sum(done) / wall,
+                         "p50_s": pct(lat, 0.5), "p95_s": pct(lat, 0.95)})  # fmt: skip
         return rows
 
     return asyncio.run(run())
+
+
+def bench_generation(url: str, name: str, levels, per_level) -> list[dict]:
+    bodies = [
+        json.dumps({"model": name, "prompt": p, "max_tokens": GEN_TOKENS, "temperature": 0, "ignore_eos": True}).encode()
+        for p in PROMPTS
+    ]
+    return bench_levels(url, "/openai/v1/completions", bodies, lambda r: r["usage"]["completion_tokens"], levels, per_level, "tokens", 16)
 
 
 def bench_embeddings(url: str, name: str, levels, per_level) -> list[dict]:
-    async def run() -> list[dict]:
-        rows = []
-        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
-        async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
-
-            async def call(i: int) -> int:
-                r = await client.post("/openai/v1/embeddings", json={"model": name, "input": SENTENCES[i % len(SENTENCES)]})
-                r.raise_for_status()
-                return len(r.json()["data"])
-
-            await closed_loop(4, 16, call)  # warm-up
-            for c in levels:
-                await closed_loop(c, c, call)  # one untimed round at this concurrency
-                wall, lat, n = await closed_loop(c, per_level(c), call)
-                rows.append({"concurrency": c, "requests": len(n), "embeddings_per_s": sum(n) / wall,
-                             "p50_s": pct(lat, 0.5), "p95_s": pct(lat, 0.95)})  # fmt: skip
-        return rows
-
-    return asyncio.run(run())
+    bodies = [json.dumps({"model": name, "input": s}).encode() for s in SENTENCES]
+    return bench_levels(url, "/openai/v1/embeddings", bodies, lambda r: len(r["data"]), levels, per_level, "embeddings", 64)
 
 
 def bench_error_path(url: str, name: str, count: int) -> dict:
-    with httpx.Client(base_url=url, timeout=60) as client:
-        bad = {"model": name, "prompt": "hi", "temperature": -1}
+    bad = json.dumps({"model": name, "prompt": "hi", "temperature": -1}).encode()
 
-        def rejected() -> None:
-            r = client.post("/openai/v1/completions", json=bad)
-            assert r.status_code == 400, r.text
+    async def run() -> dict:
+        conn = Connection(url)
 
-        def ready() -> None:
-            assert client.get("/v2/health/ready").status_code == 200
+        async def rejected() -> None:
+            await conn.post_json("/openai/v1/completions", bad, expect=400)
 
-        out = {}
-        for label, fn in (("rejected", rejected), ("ready", ready)):
-            for _ in range(20):
-                fn()
+        async def ready() -> None:
+            status, _ = await conn.request("GET", "/v2/health/ready")
+            assert status == 200, status
+
+        probes = (("rejected", rejected), ("ready", ready))
+        for _ in range(20):
+            for _, fn in probes:
+                await fn()
         # interleave the two so that both see the same machine load
         lat: dict[str, list[float]] = {"rejected": [], "ready": []}
         for _ in range(count):
-            for label, fn in (("rejected", rejected), ("ready", ready)):
+            for label, fn in probes:
                 t0 = time.perf_counter()
-                fn()
+                await fn()
                 lat[label].append(time.perf_counter() - t0)
-        for label, values in lat.items():
-            out[f"{label}_p50_ms"] = statistics.median(values) * 1000
-        return out
+        await conn.close()
+        return {f"{label}_p50_ms": statistics.median(values) * 1000 for label, values in lat.items()}
+
+    return asyncio.run(run())
 
 
 def ceiling_generation(model_dir: pathlib.Path, batch: int, repeats: int) -> dict:
@@ -300,7 +351,8 @@ def render(results: dict, png_name: str) -> tuple[str, str]:
             f" {env['load_after']:.1f} at the end (other work on the machine disturbs every number).",
             "The in-process ceilings are measured before and after the servers; the better run counts.",
             "Servers run with default flags (`--max_batch_size 32 --max_batch_wait_ms 5`) and `--disable_log_requests`; the load generator",
-            "(httpx, asyncio, closed loop) runs on the same machine and shares its cores.",
+            "(`Connection` in bench.py: asyncio, keep-alive HTTP/1.1, closed loop, one connection per concurrent request) runs on",
+            "the same machine and shares its cores.",
             "",
             f"![throughput]({png_name})",
             "",

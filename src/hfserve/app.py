@@ -74,8 +74,12 @@ class ErrorHandling:
     def contract_error(self, family: str, rid: str, exc: BaseException) -> errors.HFServeError:
         err = errors.classify(exc, rid)
         self.metrics.errors.labels(family, err.code).inc()
-        if err.code != errors.INTERNAL_ERROR.code:  # internal errors were logged with their traceback
-            logger.info("request %s: %s: %s", rid, err.code, err.message)
+        # internal errors were logged with their traceback; the server's own refusals (overloaded,
+        # timeout, not ready) are worth a line; a client's mistake went back to the client, and the
+        # access log line has its code: its message is for debugging
+        level = logging.INFO if err.http_status >= 500 else logging.DEBUG
+        if err.code != errors.INTERNAL_ERROR.code and logger.isEnabledFor(level):
+            logger.log(level, "request %s: %s: %s", rid, err.code, err.message)
         return err
 
     def render_for(self, path: str, rid: str, exc: BaseException) -> Response:
@@ -88,14 +92,14 @@ class ErrorHandling:
         return response
 
     def render(self, request: Request, exc: BaseException) -> Response:
-        return self.render_for(request.url.path, request_id(request), exc)
+        return self.render_for(request.scope["path"], request_id(request), exc)
 
     def in_stream(self, request: Request, exc: BaseException) -> errors.HFServeError:
         """Classify an error that happened after a stream started (it is sent in the stream)."""
-        return self.contract_error(self.family(request.url.path), request_id(request), exc)
+        return self.contract_error(self.family(request.scope["path"]), request_id(request), exc)
 
     def disconnected(self, request: Request) -> None:
-        self.metrics.disconnects.labels(self.family(request.url.path)).inc()
+        self.metrics.disconnects.labels(self.family(request.scope["path"])).inc()
         logger.info("request %s: client disconnected (%d); its work was cancelled", request_id(request), CLIENT_CLOSED)
 
 

@@ -88,13 +88,15 @@ class ContractMiddleware:
         family = self.handling.family(path)
         metrics = self.handling.metrics
         started = time.perf_counter()
-        status: dict[str, Any] = {"code": None, "sent_body_end": False}
+        status: dict[str, Any] = {"code": None, "sent_body_end": False, "error": None}
         rid_header = (b"x-request-id", rid.encode("ascii"))
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
                 message["headers"] = [*message.get("headers", []), rid_header]
+                if status["code"] >= 400:
+                    status["error"] = next((v for k, v in message["headers"] if k == b"x-error-code"), None)
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 status["sent_body_end"] = True
             await send(message)
@@ -143,13 +145,14 @@ class ContractMiddleware:
             metrics.latency.labels(family).observe(elapsed)
             if self.log_requests:
                 access_log.info(
-                    '%s "%s %s" %d %.1fms request_id=%s',
+                    '%s "%s %s" %d %.1fms request_id=%s%s',
                     _client(scope),
                     scope.get("method", "-"),
                     path,
                     code,
                     elapsed * 1000,
                     rid,
+                    f" error={status['error'].decode('latin-1')}" if status["error"] else "",
                 )
 
     async def _respond(self, scope: Scope, receive: Receive, send: Send, rid: str, exc: BaseException) -> None:
