@@ -24,10 +24,11 @@ class FaultyBackend(HuggingFaceBackend):
             await asyncio.Event().wait()  # never answers
         steps = 0
         async for item in super().generate(prompt_ids, params, request_id):
-            yield item
-            steps += 1
-            if "FAIL_MID" in text and steps == 2:
-                raise KeyError("mid-stream failure at /secret/backend.py")
+            for delta in item:  # one delta at a time (the backend may hand over several steps at once)
+                yield [delta]
+                steps += 1
+                if "FAIL_MID" in text and steps == 2:
+                    raise KeyError("mid-stream failure at /secret/backend.py")
 
 
 def main() -> None:

@@ -336,3 +336,23 @@ def test_batch_flags_are_validated(models, flag, value, words):
     )
     assert proc.returncode == 2
     assert proc.stderr.startswith(f"hfserve: error: {flag}") and words in proc.stderr
+
+
+def test_deltas_handed_over_together_are_one_delta_per_sequence():
+    """A consumer that fell behind gets several steps at once, still as one delta per sequence."""
+    from hfserve.backends.base import SequenceDelta, TokenLogprob, coalesce
+
+    lp = [TokenLogprob(i, f"t{i}", -0.1 * i) for i in range(4)]
+    steps = [
+        SequenceDelta(0, "a", [1], [lp[0]], prompt_logprobs=[None]),
+        SequenceDelta(1, "x", [7], [lp[1]]),
+        SequenceDelta(0, "b", [2], [lp[2]]),
+        SequenceDelta(0, "c", [3], [lp[3]], finish_reason="stop", stop_reason="c"),
+        SequenceDelta(1, "y", [8], None, finish_reason="length"),
+    ]
+    out = coalesce(steps)
+    assert [d.index for d in out] == [0, 1]
+    assert (out[0].text, out[0].token_ids, out[0].logprobs) == ("abc", [1, 2, 3], [lp[0], lp[2], lp[3]])
+    assert (out[0].finish_reason, out[0].stop_reason, out[0].prompt_logprobs) == ("stop", "c", [None])
+    assert (out[1].text, out[1].token_ids, out[1].finish_reason) == ("xy", [7, 8], "length")
+    assert steps[0].text == "a" and steps[0].token_ids == [1]  # the inputs are not changed

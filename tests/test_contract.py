@@ -293,3 +293,18 @@ def test_openai_prefix_is_configurable(models, log_dir):
         assert_error(httpx.get(f"{server.url}/openai/v1/models", timeout=30), "not_found", family="kserve")
     finally:
         assert stop_server(server) == 0
+
+
+def test_access_log_names_the_error_code(llama_hf):
+    """A client error's code is on its access log line; its message went to the client, so it is
+    not logged again at INFO (the server's own refusals, 5xx, are: see test_grpc's timeout test)."""
+    rid = f"log-{time.monotonic_ns()}"
+    resp = post(llama_hf, "/openai/v1/completions", {"model": "llama", "prompt": "hi", "temperature": -1}, headers={"x-request-id": rid})
+    assert_error(resp, "invalid_request", param="temperature")
+    line = f"request_id={rid} error=invalid_request"
+    deadline = time.monotonic() + 10
+    while line not in llama_hf.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    log = llama_hf.log()
+    assert line in log, log[-2000:]
+    assert f"request {rid}: invalid_request" not in log

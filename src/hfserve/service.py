@@ -141,7 +141,7 @@ class ModelService:
 
     def tokenize(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         with self.backend.map_exceptions():
-            return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+            return self.backend.encode_text(text, add_special_tokens)
 
     def check_token_ids(self, ids: list[int], param: str) -> list[int]:
         vocab = len(self.tokenizer)

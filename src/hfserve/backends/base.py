@@ -98,6 +98,27 @@ class SequenceDelta:
     prompt_logprobs: list[TokenLogprob | None] | None = None  # first delta only, when asked
 
 
+def coalesce(deltas: list[SequenceDelta]) -> list[SequenceDelta]:
+    """Several steps' deltas as one delta per sequence (consumers render one choice per index)."""
+    merged: dict[int, SequenceDelta] = {}
+    for d in deltas:
+        into = merged.get(d.index)
+        if into is None:
+            merged[d.index] = SequenceDelta(
+                d.index, d.text, list(d.token_ids), list(d.logprobs) if d.logprobs is not None else None,
+                d.finish_reason, d.stop_reason, d.prompt_logprobs,
+            )  # fmt: skip
+            continue
+        into.text += d.text
+        into.token_ids += d.token_ids
+        if d.logprobs is not None:
+            into.logprobs = (into.logprobs or []) + d.logprobs
+        into.finish_reason, into.stop_reason = d.finish_reason, d.stop_reason
+        if into.prompt_logprobs is None:
+            into.prompt_logprobs = d.prompt_logprobs
+    return list(merged.values())
+
+
 @dataclass
 class Capabilities:
     """What a backend can honour; the serving layer rejects the rest up front."""
@@ -158,6 +179,15 @@ class Backend(abc.ABC):
         The one place where the runtime's exception types are known; what is not
         recognised goes to :func:`hfserve.errors.classify` (logged, internal_error).
         """
+
+    def encode_text(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``, exactly as ``tokenizer(text)["input_ids"]`` (see :mod:`.tokenizing`)."""
+        encode = self.__dict__.get("_encoder")
+        if encode is None:
+            from .tokenizing import fast_encoder
+
+            encode = self.__dict__["_encoder"] = fast_encoder(self.tokenizer)
+        return encode(text, add_special_tokens)
 
     def token_text(self, token_id: int) -> str:
         """The text of one token, as shown in log-probabilities (cached: the vocabulary is fixed)."""

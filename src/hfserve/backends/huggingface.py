@@ -35,7 +35,7 @@ from typing import Any
 from .. import errors
 from ..tasks import Task, TaskInferenceError, infer_task, sentence_transformers_max_len, sentence_transformers_pooling
 from .batching import MicroBatcher
-from .base import Backend, Capabilities, SamplingParams, SequenceDelta, TokenLogprob, resolve_dtype
+from .base import Backend, Capabilities, SamplingParams, SequenceDelta, TokenLogprob, coalesce, resolve_dtype
 from .textstream import TextStream
 
 logger = logging.getLogger("hfserve.backends.huggingface")
@@ -386,7 +386,7 @@ class HuggingFaceBackend(Backend):
                         break
                     if isinstance(item, BaseException):
                         if deltas:
-                            yield deltas
+                            yield coalesce(deltas)
                         with self.map_exceptions(request_id):
                             raise item
                     deltas.extend(item)
@@ -394,7 +394,7 @@ class HuggingFaceBackend(Backend):
                         break
                     item = job.queue.get_nowait()
                 if deltas:
-                    yield deltas
+                    yield deltas if len(deltas) <= 1 else coalesce(deltas)
         finally:
             if not job.done:
                 job.cancelled.set()
