@@ -527,21 +527,14 @@ class HuggingFaceBackend(Backend):
         """Decoder-only: the prompts of several requests as one left-padded batch, ``n`` rows each."""
         import torch
 
-        width = max(len(job.prompt_ids) for job in jobs)
-        pad = self.tokenizer.pad_token_id or 0
-        ids = torch.full((len(jobs), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(jobs), width), dtype=torch.long)
-        for row, job in enumerate(jobs):
-            ids[row, width - len(job.prompt_ids) :] = torch.tensor(job.prompt_ids, dtype=torch.long)
-            mask[row, width - len(job.prompt_ids) :] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        ids, mask = self._batch([job.prompt_ids for job in jobs], left=True)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
         self.stats["prefills"] += 1
         cache = out.past_key_values
         logits = out.logits[:, -1, :].float()
-        rows = torch.tensor([job.rows for job in jobs], device=self.device)
-        if int(rows.max()) > 1:  # n > 1: each request's row repeated n times
+        if any(job.rows > 1 for job in jobs):  # n > 1: each request's row repeated n times
+            rows = torch.tensor([job.rows for job in jobs], device=self.device)
             index = torch.repeat_interleave(torch.arange(len(jobs), device=self.device), rows)
             cache.batch_select_indices(index)
             mask, logits = mask[index], logits[index]
@@ -902,7 +895,8 @@ class HuggingFaceBackend(Backend):
         return torch.multinomial(probs, 1, generator=gen).view(-1)
 
     # ---------------------------------------------------------- encoder tasks
-    def _batch(self, inputs: list[list[int]]) -> tuple[Any, Any]:
+    def _batch(self, inputs: list[list[int]], *, left: bool = False) -> tuple[Any, Any]:
+        """Padded token ids and their attention mask (right-padded; ``left`` for decoder prompts)."""
         import torch
 
         pad = self.tokenizer.pad_token_id or 0
@@ -910,8 +904,9 @@ class HuggingFaceBackend(Backend):
         ids = torch.full((len(inputs), width), pad, dtype=torch.long)
         mask = torch.zeros((len(inputs), width), dtype=torch.long)
         for row, seq in enumerate(inputs):
-            ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-            mask[row, : len(seq)] = 1
+            cols = slice(width - len(seq), width) if left else slice(0, len(seq))
+            ids[row, cols] = torch.tensor(seq, dtype=torch.long)
+            mask[row, cols] = 1
         return ids.to(self.device), mask.to(self.device)
 
     async def _run(self, kind: str, inputs: list[list[int]], option: Any = None) -> Any:
