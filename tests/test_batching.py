@@ -46,28 +46,27 @@ def greedy(max_tokens=16):
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
 
-@pytest.fixture(scope="module")
-def minilm_backend(models):
-    b = HuggingFaceBackend(str(models["minilm"]), max_batch_size=32, max_batch_wait_ms=50)
+def started_backend(model_dir):
+    """A loaded backend in this process (a 50 ms batch window, so concurrent test calls always meet)."""
+    b = HuggingFaceBackend(str(model_dir), max_batch_size=32, max_batch_wait_ms=50)
     run(b.start())
     yield b
     run(b.stop())
+
+
+@pytest.fixture(scope="module")
+def minilm_backend(models):
+    yield from started_backend(models["minilm"])
 
 
 @pytest.fixture(scope="module")
 def llama_backend(models):
-    b = HuggingFaceBackend(str(models["llama"]), max_batch_size=32, max_batch_wait_ms=50)
-    run(b.start())
-    yield b
-    run(b.stop())
+    yield from started_backend(models["llama"])
 
 
 @pytest.fixture(scope="module")
 def t5_backend(models):
-    b = HuggingFaceBackend(str(models["t5"]), max_batch_size=32, max_batch_wait_ms=50)
-    run(b.start())
-    yield b
-    run(b.stop())
+    yield from started_backend(models["t5"])
 
 
 # ------------------------------------------------------------------ encoders

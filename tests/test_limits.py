@@ -33,15 +33,21 @@ def stream_first_chunk(url: str, body: dict, holder: dict, release: threading.Ev
         holder["rest"] = [line for line in lines if line.startswith("data: ")]
 
 
+def hold_stream(server, model: str) -> tuple[threading.Thread, dict, threading.Event]:
+    """A long completion stream in a thread, held open after its first event (see stream_first_chunk)."""
+    holder = {"started": threading.Event()}
+    release = threading.Event()
+    body = {"model": model, **LONG_GEN, "stream": True}
+    t = threading.Thread(target=stream_first_chunk, args=(f"{server.openai_url}/completions", body, holder, release))
+    t.start()
+    return t, holder, release
+
+
 # ------------------------------------------------------------------ overloaded
 def test_overloaded_beyond_concurrency_and_queue(server_factory):
     server = server_factory("llama", "--backend", "huggingface", "--max_concurrent_requests", "1", "--max_queue_size", "0",
                             name="llama_one")
-    holder = {"started": threading.Event()}
-    release = threading.Event()
-    body = {"model": "llama_one", **LONG_GEN, "stream": True}
-    t = threading.Thread(target=stream_first_chunk, args=(f"{server.openai_url}/completions", body, holder, release))
-    t.start()
+    t, holder, release = hold_stream(server, "llama_one")
     try:
         assert holder["started"].wait(60)
         for path, req in [
@@ -185,11 +191,7 @@ def test_api_key_with_real_clients(keyed):
 # ------------------------------------------------------------ graceful shutdown
 def test_sigterm_drains_in_flight_streams_then_exits_zero(models, log_dir):
     server = start_server(models["llama"], "draining", log_dir, "--backend", "huggingface", "--shutdown_grace_seconds", "60")
-    holder = {"started": threading.Event()}
-    release = threading.Event()
-    body = {"model": "draining", **LONG_GEN, "stream": True}
-    t = threading.Thread(target=stream_first_chunk, args=(f"{server.openai_url}/completions", body, holder, release))
-    t.start()
+    t, holder, release = hold_stream(server, "draining")
     try:
         assert holder["started"].wait(60)
         server.proc.send_signal(signal.SIGTERM)
