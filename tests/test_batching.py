@@ -21,6 +21,7 @@ import torch
 
 from hfserve import errors
 from hfserve.backends.base import SamplingParams
+from hfserve.backends.batching import BatchWindow, MicroBatcher
 from hfserve.backends.huggingface import HuggingFaceBackend
 
 SENTENCES = [f"sentence number {i} is " + "quite " * (i % 7) + "short" for i in range(24)]
@@ -321,10 +322,70 @@ def test_concurrent_completions_over_http_equal_sequential(llama):
         assert list(pool.map(complete, PROMPTS)) == sequential
 
 
+# --------------------------------------------------------------- batch window
+def windowed(max_wait_ms, idle_ms):
+    """A MicroBatcher whose forward pass records its batch sizes and echoes its inputs."""
+    sizes = []
+
+    def forward(kind, inputs, option):
+        sizes.append(len(inputs))
+        return list(inputs)
+
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    return MicroBatcher(forward, pool, window=BatchWindow.from_ms(max_wait_ms, idle_ms)), sizes
+
+
+async def arrivals(batcher, count, gap_s):
+    """``count`` requests, one every ``gap_s`` seconds; their results in order."""
+    tasks = []
+    for i in range(count):
+        tasks.append(asyncio.ensure_future(batcher.submit("embed", [[i]])))
+        await asyncio.sleep(gap_s)
+    return await asyncio.gather(*tasks)
+
+
+def test_a_lone_request_waits_the_idle_time_not_the_window():
+    batcher, sizes = windowed(max_wait_ms=10_000, idle_ms=30)
+    started = time.monotonic()
+    assert run(batcher.submit("embed", [[7]])) == [[7]]
+    assert time.monotonic() - started < 5, "waited for the 10 s window instead of closing after 30 ms idle"
+    assert sizes == [1]
+
+
+def test_requests_that_keep_coming_keep_the_batch_open():
+    """Twelve arrivals 50 ms apart span 550 ms, longer than the 400 ms idle time, yet each
+    comes within it of the one before: one batch."""
+    batcher, sizes = windowed(max_wait_ms=10_000, idle_ms=400)
+    assert run(arrivals(batcher, 12, 0.05)) == [[[i]] for i in range(12)]
+    assert sizes == [12]
+
+
+def test_the_window_caps_a_batch_that_keeps_growing():
+    batcher, sizes = windowed(max_wait_ms=200, idle_ms=10_000)
+    assert run(arrivals(batcher, 12, 0.05)) == [[[i]] for i in range(12)]
+    assert len(sizes) >= 2 and sum(sizes) == 12
+
+
+def test_a_lone_generation_request_waits_the_idle_time_not_the_window(models):
+    b = HuggingFaceBackend(str(models["llama"]), max_batch_wait_ms=10_000, batch_idle_ms=30)
+    run(b.start())
+    try:
+        started = time.monotonic()
+        ids, _ = run(collect(b, [5, 6, 7], greedy(2)))
+        assert len(ids[0]) == 2
+        assert time.monotonic() - started < 5, "waited for the 10 s window instead of closing after 30 ms idle"
+    finally:
+        run(b.stop())
+
+
 # ------------------------------------------------------------------------ CLI
 @pytest.mark.parametrize(
     "flag, value, words",
-    [("--max_batch_size", "0", "must be positive"), ("--max_batch_wait_ms", "-1", "zero or positive")],
+    [
+        ("--max_batch_size", "0", "must be positive"),
+        ("--max_batch_wait_ms", "-1", "zero or positive"),
+        ("--batch_idle_ms", "-1", "zero or positive"),
+    ],
 )
 def test_batch_flags_are_validated(models, flag, value, words):
     proc = subprocess.run(

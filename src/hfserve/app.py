@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import errors
 from .api import kserve_v1, kserve_v2, openai
-from .api.routing import CLIENT_CLOSED, request_id, tidy_openapi
+from .api.routing import CLIENT_CLOSED, index_routes, request_id, tidy_openapi
 from .limits import Admission
 from .metrics import Metrics
 from .middleware import ContractMiddleware
@@ -73,7 +73,7 @@ class ErrorHandling:
 
     def contract_error(self, family: str, rid: str, exc: BaseException) -> errors.HFServeError:
         err = errors.classify(exc, rid)
-        self.metrics.errors.labels(family, err.code).inc()
+        self.metrics.child(self.metrics.errors, family, err.code).inc()
         # internal errors were logged with their traceback; the server's own refusals (overloaded,
         # timeout, not ready) are worth a line; a client's mistake went back to the client, and the
         # access log line has its code: its message is for debugging
@@ -99,7 +99,7 @@ class ErrorHandling:
         return self.contract_error(self.family(request.scope["path"]), request_id(request), exc)
 
     def disconnected(self, request: Request) -> None:
-        self.metrics.disconnects.labels(self.family(request.scope["path"])).inc()
+        self.metrics.child(self.metrics.disconnects, self.family(request.scope["path"])).inc()
         logger.info("request %s: client disconnected (%d); its work was cancelled", request_id(request), CLIENT_CLOSED)
 
 
@@ -157,6 +157,7 @@ def create_app(service: ModelService, config: AppConfig | None = None) -> FastAP
     app.include_router(kserve_v2.router)
     app.include_router(openai.router, prefix=f"{prefix}/v1")
     app.include_router(kserve_v2.root_router)
+    index_routes(app.router)
 
     generate_openapi = app.openapi
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
+from .backends.batching import DEFAULT_IDLE_MS, DEFAULT_MAX_WAIT_MS
 from .tasks import Task, TaskInferenceError, infer_task, parse_task
 
 DEFAULT_MODEL_DIR = "/mnt/models"
@@ -65,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=1, help="accepted for compatibility; only 1 is supported")
     s.add_argument("--max_threads", type=int, default=4, help="threads running model work")
     s.add_argument("--max_batch_size", type=int, default=32, help="most inputs (generation: sequences) sharing one forward pass (transformers backend)")
-    s.add_argument("--max_batch_wait_ms", type=float, default=5.0, help="longest wait for more requests to batch with (transformers backend)")
+    s.add_argument("--max_batch_wait_ms", type=float, default=DEFAULT_MAX_WAIT_MS, help="longest a batch waits for more requests after its first (transformers backend)")
+    s.add_argument("--batch_idle_ms", type=float, default=DEFAULT_IDLE_MS, help="a forming batch closes once no request has joined it for this long (transformers backend)")
     s.add_argument("--disable_log_requests", action="store_true", help="no access log line per request")
     s.add_argument("--max_request_body_bytes", type=int, default=16 * 1024 * 1024, help="larger bodies get 413")
     s.add_argument("--max_concurrent_requests", type=int, default=None, help="model requests running at once (default: no limit)")
@@ -115,6 +117,8 @@ def resolve(args: argparse.Namespace) -> Settings:
         _fail(f"--max_batch_size must be positive, got {args.max_batch_size}")
     if not args.max_batch_wait_ms >= 0:
         _fail(f"--max_batch_wait_ms must be zero or positive, got {args.max_batch_wait_ms}")
+    if not args.batch_idle_ms >= 0:
+        _fail(f"--batch_idle_ms must be zero or positive, got {args.batch_idle_ms}")
     if args.max_concurrent_requests is not None and args.max_concurrent_requests < 1:
         _fail(f"--max_concurrent_requests must be at least 1, got {args.max_concurrent_requests}")
     if args.max_queue_size < 0:

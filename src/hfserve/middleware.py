@@ -113,7 +113,8 @@ class ContractMiddleware:
                     raise errors.RequestTooLarge(_too_large(limit))
             return message
 
-        metrics.in_flight.labels(family).inc()
+        in_flight = metrics.child(metrics.in_flight, family)
+        in_flight.inc()
         try:
             try:
                 declared = _content_length(headers)
@@ -136,13 +137,13 @@ class ContractMiddleware:
                 else:
                     errors.classify(exc, rid)
         finally:
-            metrics.in_flight.labels(family).dec()
+            in_flight.dec()
             code = status["code"] or 499
             if code != 499 and not status["sent_body_end"]:
                 code = 499  # the client left before the body was complete
             elapsed = time.perf_counter() - started
-            metrics.requests.labels(family, str(code)).inc()
-            metrics.latency.labels(family).observe(elapsed)
+            metrics.child(metrics.requests, family, str(code)).inc()
+            metrics.child(metrics.latency, family).observe(elapsed)
             if self.log_requests:
                 access_log.info(
                     '%s "%s %s" %d %.1fms request_id=%s%s',

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import sys
@@ -84,6 +85,7 @@ class Server:
             self.exit_code = 1
             self.http.should_exit = True
             return
+        freeze_startup_heap()
         logger.info("model %s is ready (%s backend, task %s)", self.service.name, self.backend.name, self.service.task.value)
 
     def shutdown(self, sig: signal.Signals | None = None) -> None:
@@ -139,6 +141,20 @@ class Server:
                 await self.grpc.stop(grace=1)
             await self.service.stop()
         return self.exit_code
+
+
+def freeze_startup_heap() -> None:
+    """Move every object alive once the model is loaded (the model, the libraries' modules and
+    their caches: about half a million objects with MiniLM) out of the garbage collector's reach.
+
+    They live as long as the process, yet every full collection walked all of them: under load
+    (embeddings, 32 concurrent requests) a full collection came every few seconds and held the
+    GIL for about 250 ms, stalling the model thread between its operators and every request on
+    the event loop. After the freeze those collections take about 2 ms. Objects created later
+    are collected as before. (vLLM freezes its heap after start-up for the same reason.)
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:

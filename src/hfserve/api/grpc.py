@@ -197,14 +197,14 @@ class InferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
         metrics = self.handling.metrics
         started = time.perf_counter()
         status = "OK"
-        metrics.in_flight.labels(FAMILY).inc()
+        metrics.child(metrics.in_flight, FAMILY).inc()
         try:
             await context.send_initial_metadata(((REQUEST_ID_KEY, rid),))
             try:
                 return await work()
             except (asyncio.CancelledError, errors.ClientDisconnected) as exc:
                 status = "CANCELLED"
-                metrics.disconnects.labels(FAMILY).inc()
+                metrics.child(metrics.disconnects, FAMILY).inc()
                 logger.info("request %s: gRPC call cancelled (client went away or its deadline passed); its work was cancelled", rid)
                 if isinstance(exc, errors.ClientDisconnected):
                     raise asyncio.CancelledError() from None
@@ -218,9 +218,9 @@ class InferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
             await context.abort(grpc.StatusCode[status], err.message, trailing_metadata=tuple(trailing))
             raise AssertionError("context.abort returned")  # pragma: no cover
         finally:
-            metrics.in_flight.labels(FAMILY).dec()
-            metrics.requests.labels(FAMILY, status).inc()
-            metrics.latency.labels(FAMILY).observe(time.perf_counter() - started)
+            metrics.child(metrics.in_flight, FAMILY).dec()
+            metrics.child(metrics.requests, FAMILY, status).inc()
+            metrics.child(metrics.latency, FAMILY).observe(time.perf_counter() - started)
 
     # -------------------------------------------------------------- health
     async def ServerLive(self, request: pb2.ServerLiveRequest, context: grpc.aio.ServicerContext) -> pb2.ServerLiveResponse:

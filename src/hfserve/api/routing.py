@@ -10,9 +10,12 @@ from typing import Any, TypeVar
 import orjson
 import pydantic
 from fastapi import Request, Response
+from fastapi.encoders import jsonable_encoder
 from fastapi.routing import APIRoute
 from starlette.responses import JSONResponse as _StarletteJSONResponse
 from starlette.responses import StreamingResponse
+from starlette.routing import Match, Route
+from starlette.types import Receive, Scope, Send
 
 from .. import errors
 from ..limits import deadline_of
@@ -28,10 +31,15 @@ CLIENT_CLOSED = 499
 
 
 class ContractRoute(APIRoute):
-    """An APIRoute whose every failure is rendered by the route's family renderer."""
+    """An APIRoute whose every failure is rendered by the route's family renderer.
+
+    An endpoint whose only parameter is the request (every body is parsed by the route
+    itself, see :func:`read_json`) is called directly: FastAPI's dependency solving would
+    find nothing to solve, at a cost paid on every request.
+    """
 
     def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
-        handler = super().get_route_handler()
+        handler = self._direct_handler() or super().get_route_handler()
 
         async def contract_handler(request: Request) -> Response:
             try:
@@ -42,6 +50,70 @@ class ContractRoute(APIRoute):
                 return request.app.state.errors.render(request, exc)
 
         return contract_handler
+
+    def _direct_handler(self) -> Callable[[Request], Awaitable[Response]] | None:
+        d = self.dependant
+        if (
+            d.request_param_name is None
+            or d.path_params
+            or d.query_params
+            or d.header_params
+            or d.cookie_params
+            or d.body_params
+            or d.dependencies
+            or not d.is_coroutine_callable
+            or self.response_model is not None
+            or self.status_code is not None
+        ):
+            return None
+        endpoint, name = self.endpoint, d.request_param_name
+
+        async def direct(request: Request) -> Response:
+            result = await endpoint(**{name: request})
+            # a plain value is rendered as FastAPI renders it without a response model
+            return result if isinstance(result, Response) else JSONResponse(jsonable_encoder(result))
+
+        return direct
+
+
+class RouteIndex:
+    """The router's dispatch, with a shortcut for requests to a fixed path.
+
+    Starlette tries every route in order until one matches; the model routes come after
+    twenty others. For each path of a route without path parameters, the index keeps the
+    routes (in their order) whose pattern matches that path: the first of them to match
+    fully is the route the full scan would choose. A path not in the index, no full match
+    (a wrong method: 405), or a request under a root path goes through the router's own
+    dispatch.
+    """
+
+    def __init__(self, router: Any):
+        self.router = router
+        self.dispatch = router.middleware_stack
+        routes = list(router.routes)
+        self.index: dict[str, list[Any]] = {}
+        for route in routes:
+            if isinstance(route, Route) and not route.param_convertors:
+                self.index.setdefault(
+                    route.path, [r for r in routes if not isinstance(r, Route) or r.path_regex.match(route.path)]
+                )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not scope.get("root_path"):  # the path is the route path
+            for route in self.index.get(scope["path"], ()):
+                match, child_scope = route.matches(scope)
+                if match is Match.FULL:
+                    scope.setdefault("router", self.router)
+                    scope["route"] = route
+                    scope.update(child_scope)
+                    await route.handle(scope, receive, send)
+                    return
+        await self.dispatch(scope, receive, send)
+
+
+def index_routes(router: Any) -> None:
+    """Install :class:`RouteIndex` on ``router`` once its routes are all added."""
+    router.middleware_stack = RouteIndex(router)
 
 
 def dump_json(content: Any) -> bytes:

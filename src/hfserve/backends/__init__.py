@@ -61,4 +61,5 @@ def create_backend(settings: Settings) -> Backend:
         max_workers=max(1, args.max_threads),
         max_batch_size=args.max_batch_size,
         max_batch_wait_ms=args.max_batch_wait_ms,
+        batch_idle_ms=args.batch_idle_ms,
     )

@@ -1,9 +1,11 @@
 """Dynamic batching of encoder requests (embeddings, classification, fill-mask).
 
 Concurrent requests of the same kind are merged into one forward pass of up to
-``max_batch_size`` inputs. The first request of a batch waits at most
-``max_wait_ms`` for others to arrive; while a batch runs, new requests queue and
-form the next one, so under load batches fill up without any extra waiting.
+``max_batch_size`` inputs. A batch forms around its first request and closes when
+it is full, when the window's ``max_wait`` has passed since that first request, or
+when no new request has joined it for the window's ``idle`` time
+(:class:`BatchWindow`); while a batch runs, new requests queue and form the next
+one, so under load batches fill up without any extra waiting.
 
 One request's failure never fails its batch-mates: if a merged forward raises,
 every request of that batch is run again on its own, so each gets its own
@@ -22,6 +24,10 @@ from typing import Any
 
 logger = logging.getLogger("hfserve.backends.batching")
 
+#: defaults of --max_batch_wait_ms and --batch_idle_ms
+DEFAULT_MAX_WAIT_MS = 20.0
+DEFAULT_IDLE_MS = 5.0
+
 #: run(kind, inputs, option) -> one result per input
 RunFn = Callable[[str, list[list[int]], Any], list[Any]]
 
@@ -32,6 +38,29 @@ class _Item:
     inputs: list[list[int]]
     future: asyncio.Future
     arrived: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class BatchWindow:
+    """How long a batch forming on an idle model waits for company (encoder batches and
+    the generation scheduler alike).
+
+    It closes ``max_wait`` seconds after its first request at the latest, and earlier
+    once ``idle`` seconds pass without a newcomer, so a lone request waits about
+    ``idle``, not the whole window.
+    """
+
+    max_wait: float  # seconds
+    idle: float  # seconds
+
+    @classmethod
+    def from_ms(cls, max_wait_ms: float, idle_ms: float) -> BatchWindow:
+        return cls(max(0.0, max_wait_ms) / 1000.0, max(0.0, idle_ms) / 1000.0)
+
+    def remaining(self, first: float, latest: float) -> float:
+        """Seconds left to wait for a batch whose first and latest requests arrived at
+        ``first`` and ``latest`` (``time.monotonic()``); zero or less: close it now."""
+        return min(first + self.max_wait, latest + self.idle) - time.monotonic()
 
 
 @dataclass
@@ -47,13 +76,13 @@ class BatchStats:
 class MicroBatcher:
     """Merges concurrent ``submit`` calls into batched calls of ``run`` in an executor."""
 
-    def __init__(self, run: RunFn, executor: Executor, *, max_batch_size: int = 32, max_wait_ms: float = 5.0):
+    def __init__(self, run: RunFn, executor: Executor, *, max_batch_size: int = 32, window: BatchWindow | None = None):
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
         self.run = run
         self.executor = executor
         self.max_batch_size = max_batch_size
-        self.max_wait = max(0.0, max_wait_ms) / 1000.0
+        self.window = window or BatchWindow.from_ms(DEFAULT_MAX_WAIT_MS, DEFAULT_IDLE_MS)
         self.stats = BatchStats()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pending: list[_Item] = []
@@ -77,8 +106,10 @@ class MicroBatcher:
         self._wakeup.set()
         return await item.future
 
-    def _same_key_inputs(self, key: tuple[str, Any]) -> int:
-        return sum(len(i.inputs) for i in self._pending if i.key == key and not i.future.done())
+    def _joining(self, key: tuple[str, Any]) -> tuple[int, float]:
+        """Inputs waiting with ``key``, and when the latest of their requests arrived."""
+        items = [i for i in self._pending if i.key == key and not i.future.done()]
+        return sum(len(i.inputs) for i in items), max((i.arrived for i in items), default=0.0)
 
     async def _work(self) -> None:
         assert self._wakeup is not None
@@ -89,9 +120,11 @@ class MicroBatcher:
                 await self._wakeup.wait()
                 continue
             first = self._pending[0]
-            deadline = first.arrived + self.max_wait
-            while self._same_key_inputs(first.key) < self.max_batch_size:
-                remaining = deadline - time.monotonic()
+            while True:
+                size, latest = self._joining(first.key)
+                if size >= self.max_batch_size:
+                    break
+                remaining = self.window.remaining(first.arrived, latest)
                 if remaining <= 0:
                     break
                 self._wakeup.clear()

@@ -6,8 +6,9 @@ work runs in worker threads, never on the event loop.
 Concurrent requests share forward passes:
 
 - encoder tasks go through a :class:`~hfserve.backends.batching.MicroBatcher`
-  (up to ``max_batch_size`` inputs per forward, waiting at most
-  ``max_batch_wait_ms``);
+  (up to ``max_batch_size`` inputs per forward; a batch forms for at most
+  ``max_batch_wait_ms``, closing early once ``batch_idle_ms`` pass without a
+  newcomer: :class:`~hfserve.backends.batching.BatchWindow`);
 - generation runs in one scheduler thread that decodes every running request
   as rows of a shared batch with a KV cache (continuous batching: new requests
   join the running batch), so streaming, stop strings, ``n``,
@@ -34,7 +35,7 @@ from typing import Any
 
 from .. import errors
 from ..tasks import Task, TaskInferenceError, infer_task, sentence_transformers_max_len, sentence_transformers_pooling
-from .batching import MicroBatcher
+from .batching import DEFAULT_IDLE_MS, DEFAULT_MAX_WAIT_MS, BatchWindow, MicroBatcher
 from .base import Backend, Capabilities, SamplingParams, SequenceDelta, TokenLogprob, coalesce, resolve_dtype
 from .textstream import TextStream
 
@@ -134,6 +135,7 @@ class _Job:
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.cancelled = threading.Event()
         self.done = False
+        self.arrived = time.monotonic()
         # set at admission, used only by the scheduler thread
         self.gen: Any = None  # this request's own torch.Generator
         self.counts: Any = None  # [n, vocab] generated-token counts (penalties)
@@ -214,7 +216,8 @@ class HuggingFaceBackend(Backend):
         device: str | None = None,
         max_workers: int = 4,
         max_batch_size: int = 32,
-        max_batch_wait_ms: float = 5.0,
+        max_batch_wait_ms: float = DEFAULT_MAX_WAIT_MS,
+        batch_idle_ms: float = DEFAULT_IDLE_MS,
     ):
         super().__init__()
         self.model_path = model_path
@@ -232,11 +235,9 @@ class HuggingFaceBackend(Backend):
         self.eos_token_ids: set[int] = set()
         self.pooling: tuple[str, bool] = ("mean", True)
         self.max_batch_size = max(1, int(max_batch_size))
-        self.max_batch_wait_ms = max(0.0, float(max_batch_wait_ms))
+        self.window = BatchWindow.from_ms(max_batch_wait_ms, batch_idle_ms)
         # encoder tasks: merged forward passes
-        self.batcher = MicroBatcher(
-            self._run_encoder, self._executor, max_batch_size=self.max_batch_size, max_wait_ms=self.max_batch_wait_ms
-        )
+        self.batcher = MicroBatcher(self._run_encoder, self._executor, max_batch_size=self.max_batch_size, window=self.window)
         # generation: one scheduler thread, requests as rows of shared batches
         self._cv = threading.Condition()
         self._incoming: deque[_Job] = deque()
@@ -453,10 +454,10 @@ class HuggingFaceBackend(Backend):
                 self._incoming.clear()
                 self._cohorts = []
                 return None
-            if not self._cohorts and self._incoming and self.max_batch_wait_ms > 0:
-                deadline = time.monotonic() + self.max_batch_wait_ms / 1000.0
+            if not self._cohorts and self._incoming:  # idle: the batch window
+                first = self._incoming[0].arrived
                 while sum(j.rows for j in self._incoming) < self.max_batch_size and not self._stopping:
-                    remaining = deadline - time.monotonic()
+                    remaining = self.window.remaining(first, self._incoming[-1].arrived)
                     if remaining <= 0:
                         break
                     self._cv.wait(remaining)
