@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import subprocess
 import sys
 import time
@@ -366,6 +367,34 @@ def test_the_window_caps_a_batch_that_keeps_growing():
     assert len(sizes) >= 2 and sum(sizes) == 12
 
 
+def test_requests_queued_behind_a_batch_wait_for_newcomers():
+    """B queues while A's forward runs (600 ms, longer than the 250 ms idle time). When A is
+    answered its client calls again (C) 50 ms later: C joins B (the window opens when B could
+    start, not when B arrived; else B would have left alone the moment A was done)."""
+    sizes = []
+
+    def forward(kind, inputs, option):
+        sizes.append(len(inputs))
+        time.sleep(0.6)
+        return list(inputs)
+
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    batcher = MicroBatcher(forward, pool, window=BatchWindow.from_ms(10_000, 250))
+
+    async def scenario():
+        a = asyncio.ensure_future(batcher.submit("embed", [["a"]]))
+        while not sizes:  # A's batch has started (after its 250 ms of idle waiting)
+            await asyncio.sleep(0.01)
+        b = asyncio.ensure_future(batcher.submit("embed", [["b"]]))
+        await a
+        await asyncio.sleep(0.05)
+        c = asyncio.ensure_future(batcher.submit("embed", [["c"]]))
+        return await asyncio.gather(b, c)
+
+    assert run(scenario()) == [[["b"]], [["c"]]]
+    assert sizes == [1, 2]
+
+
 def test_a_lone_generation_request_waits_the_idle_time_not_the_window(models):
     b = HuggingFaceBackend(str(models["llama"]), max_batch_wait_ms=10_000, batch_idle_ms=30)
     run(b.start())
@@ -396,6 +425,19 @@ def test_batch_flags_are_validated(models, flag, value, words):
     )
     assert proc.returncode == 2
     assert proc.stderr.startswith(f"hfserve: error: {flag}") and words in proc.stderr
+
+
+def test_transformers_backend_shortens_openmp_spinning_unless_set(models, monkeypatch):
+    from hfserve.backends import OPENMP_SPIN, create_backend
+    from hfserve.cli import build_parser, resolve
+
+    settings = resolve(build_parser().parse_args(["--model_dir", str(models["llama"]), "--backend", "huggingface"]))
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    create_backend(settings)
+    assert os.environ["GOMP_SPINCOUNT"] == OPENMP_SPIN
+    monkeypatch.setenv("GOMP_SPINCOUNT", "7")
+    create_backend(settings)
+    assert os.environ["GOMP_SPINCOUNT"] == "7"
 
 
 def test_deltas_handed_over_together_are_one_delta_per_sequence():

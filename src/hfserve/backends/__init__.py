@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from typing import TYPE_CHECKING
 
 from .base import Backend
@@ -33,9 +34,31 @@ def vllm_support(settings: Settings) -> tuple[bool, str]:
     return vllm_backend.supports(settings)
 
 
+#: iterations an idle OpenMP thread spins before it sleeps (GNU OpenMP's default is 300,000)
+OPENMP_SPIN = "50000"
+
+
+def openmp_defaults() -> None:
+    """Shorten how long the forward pass's idle OpenMP threads spin (``GOMP_SPINCOUNT``,
+    unless the environment sets it), for the transformers backend on CPU.
+
+    After every forward pass torch's OpenMP workers spin for some milliseconds waiting for
+    the next one. In a server, that is exactly when the event loop has to answer the finished
+    batch and read the next one, on the same cores: with the default spin the workers took a
+    core from it each time. A/B medians, embeddings at concurrency 32 on 2 cores: 482/s with
+    the default, 524/s with 50,000 (10,000-20,000 about the same; fully passive waiting 11%
+    worse); generation at concurrency 8 unchanged with 50,000 (3% lower with 20,000).
+    GNU OpenMP reads the variable when torch loads it, so this runs before torch is imported.
+    (vLLM tunes Intel OpenMP's equivalent, ``KMP_BLOCKTIME``, for its CPU workers.)
+    """
+    os.environ.setdefault("GOMP_SPINCOUNT", OPENMP_SPIN)
+
+
 def create_backend(settings: Settings) -> Backend:
     args = settings.args
     choice = args.backend
+    if choice == "huggingface" or (choice == "auto" and not vllm_installed()):
+        openmp_defaults()  # else vLLM may serve it, and checking that has imported torch
     if choice == "auto":
         ok, why = vllm_support(settings)
         choice = "vllm" if ok else "huggingface"

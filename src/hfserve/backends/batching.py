@@ -1,11 +1,14 @@
 """Dynamic batching of encoder requests (embeddings, classification, fill-mask).
 
 Concurrent requests of the same kind are merged into one forward pass of up to
-``max_batch_size`` inputs. A batch forms around its first request and closes when
-it is full, when the window's ``max_wait`` has passed since that first request, or
-when no new request has joined it for the window's ``idle`` time
-(:class:`BatchWindow`); while a batch runs, new requests queue and form the next
-one, so under load batches fill up without any extra waiting.
+``max_batch_size`` inputs. A batch forms once it could start (its first request is
+there and no batch is running) and closes when it is full, when the window's
+``max_wait`` has passed, or when no new request has joined it for the window's
+``idle`` time (:class:`BatchWindow`). Requests that queued behind a running batch
+still wait for newcomers: the requests just answered often come back at once (a
+client's next call), and a batch that leaves without them splits the load into two
+half-size batches for good (measured with 32 concurrent clients: batches of 12 and
+20 instead of 32).
 
 One request's failure never fails its batch-mates: if a merged forward raises,
 every request of that batch is run again on its own, so each gets its own
@@ -42,12 +45,13 @@ class _Item:
 
 @dataclass(frozen=True)
 class BatchWindow:
-    """How long a batch forming on an idle model waits for company (encoder batches and
-    the generation scheduler alike).
+    """How long a forming batch waits for company (encoder batches and the generation
+    scheduler alike).
 
-    It closes ``max_wait`` seconds after its first request at the latest, and earlier
-    once ``idle`` seconds pass without a newcomer, so a lone request waits about
-    ``idle``, not the whole window.
+    It closes ``max_wait`` seconds after it opened at the latest, and earlier once
+    ``idle`` seconds pass without a newcomer, so a lone request waits about ``idle``,
+    not the whole window, while a burst (whose requests reach the batcher one by one,
+    as the event loop gets through them) keeps it open until it is full.
     """
 
     max_wait: float  # seconds
@@ -57,10 +61,10 @@ class BatchWindow:
     def from_ms(cls, max_wait_ms: float, idle_ms: float) -> BatchWindow:
         return cls(max(0.0, max_wait_ms) / 1000.0, max(0.0, idle_ms) / 1000.0)
 
-    def remaining(self, first: float, latest: float) -> float:
-        """Seconds left to wait for a batch whose first and latest requests arrived at
-        ``first`` and ``latest`` (``time.monotonic()``); zero or less: close it now."""
-        return min(first + self.max_wait, latest + self.idle) - time.monotonic()
+    def remaining(self, opened: float, latest: float) -> float:
+        """Seconds left to wait for a batch that opened at ``opened`` and whose latest
+        request arrived at ``latest`` (``time.monotonic()``); zero or less: close it now."""
+        return min(opened + self.max_wait, latest + self.idle) - time.monotonic()
 
 
 @dataclass
@@ -88,6 +92,7 @@ class MicroBatcher:
         self._pending: list[_Item] = []
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
+        self._free_since = 0.0  # when the last batch ended
 
     def _ensure_worker(self) -> None:
         loop = asyncio.get_running_loop()
@@ -120,11 +125,14 @@ class MicroBatcher:
                 await self._wakeup.wait()
                 continue
             first = self._pending[0]
+            # the window opens when the batch could start: requests that queued behind a
+            # running batch still give newcomers a chance to join them
+            opened = max(first.arrived, self._free_since)
             while True:
                 size, latest = self._joining(first.key)
                 if size >= self.max_batch_size:
                     break
-                remaining = self.window.remaining(first.arrived, latest)
+                remaining = self.window.remaining(opened, max(latest, opened))
                 if remaining <= 0:
                     break
                 self._wakeup.clear()
@@ -151,6 +159,7 @@ class MicroBatcher:
                 outcomes = await asyncio.get_running_loop().run_in_executor(self.executor, self._run_batch, batch)
             except BaseException as exc:  # noqa: BLE001 - e.g. the executor shut down
                 outcomes = [exc] * len(batch)
+            self._free_since = time.monotonic()
             for item, outcome in zip(batch, outcomes):
                 if item.future.done():
                     continue
