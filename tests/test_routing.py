@@ -49,3 +49,14 @@ def test_empty_prefix_keeps_kserve_v1_model_list():
     app = create_app(mock.MagicMock(), AppConfig(openai_prefix=""))
     chosen = scanned(app.router.middleware_stack.index["/v1/models"], scope("GET", "/v1/models"))
     assert chosen is not None and chosen.endpoint.__module__ == "hfserve.api.kserve_v1"
+
+
+def test_request_only_endpoints_are_called_directly():
+    """The model routes take only the request: they skip FastAPI's dependency solving. Routes
+    with path parameters or a response model keep FastAPI's handler."""
+    from hfserve.api.routing import ContractRoute
+
+    app = create_app(mock.MagicMock())
+    direct = {r.path for r in app.router.routes if isinstance(r, ContractRoute) and r._direct_handler()}
+    assert {"/openai/v1/completions", "/openai/v1/chat/completions", "/openai/v1/embeddings"} <= direct
+    assert not direct & {"/v2/models/{name}/infer", "/v1/models/{name}:predict", "/v1/models"}

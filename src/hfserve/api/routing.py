@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
+import typing
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -52,21 +54,20 @@ class ContractRoute(APIRoute):
         return contract_handler
 
     def _direct_handler(self) -> Callable[[Request], Awaitable[Response]] | None:
-        d = self.dependant
-        if (
-            d.request_param_name is None
-            or d.path_params
-            or d.query_params
-            or d.header_params
-            or d.cookie_params
-            or d.body_params
-            or d.dependencies
-            or not d.is_coroutine_callable
-            or self.response_model is not None
-            or self.status_code is not None
-        ):
+        """The endpoint itself when all it takes is the request; else None (FastAPI's handler).
+
+        Decided from the endpoint's own signature, not from FastAPI's internal models."""
+        endpoint = self.endpoint
+        if not inspect.iscoroutinefunction(endpoint) or self.dependencies or self.response_model is not None or self.status_code is not None:
             return None
-        endpoint, name = self.endpoint, d.request_param_name
+        params = list(inspect.signature(endpoint).parameters.values())
+        try:
+            hints = typing.get_type_hints(endpoint)
+        except Exception:  # noqa: BLE001 - an unresolvable annotation: leave it to FastAPI
+            return None
+        if len(params) != 1 or params[0].kind is inspect.Parameter.VAR_KEYWORD or hints.get(params[0].name) is not Request:
+            return None
+        name = params[0].name
 
         async def direct(request: Request) -> Response:
             result = await endpoint(**{name: request})
