@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import transformers
 
-from hfserve.backends.tokenizing import fast_encoder, slow_encoder
+from hfserve.backends.tokenizing import fast_decoder, fast_encoder, slow_encoder
 
 TEXTS = [
     "The cat sat on the mat.",
@@ -45,3 +45,16 @@ def test_a_tokenizer_with_its_own_encoding_keeps_the_transformers_call(models):
 
     base.__class__ = Custom
     assert fast_encoder(base).__name__ == "encode"
+
+
+@pytest.mark.parametrize("name", ["minilm", "llama", "t5", "bert_cls", "bert_mlm"])
+def test_fast_decoder_equals_the_transformers_call(models, name):
+    """Whichever path a tokenizer gets, every prefix of every text decodes as transformers
+    decodes it (the decode thread decodes each sequence's growing prefix)."""
+    tok = transformers.AutoTokenizer.from_pretrained(models[name])
+    decode = fast_decoder(tok)
+    specials = " ".join(tok.all_special_tokens)
+    for text in [*TEXTS[:4], f"{specials} in the middle {specials}"]:
+        ids = tok(text)["input_ids"]
+        for end in range(len(ids) + 1):
+            assert decode(ids[:end]) == tok.decode(ids[:end], skip_special_tokens=True), (name, text[:40], end)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -182,12 +182,22 @@ class Backend(abc.ABC):
 
     def encode_text(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``, exactly as ``tokenizer(text)["input_ids"]`` (see :mod:`.tokenizing`)."""
-        encode = self.__dict__.get("_encoder")
-        if encode is None:
-            from .tokenizing import fast_encoder
+        from .tokenizing import fast_encoder
 
-            encode = self.__dict__["_encoder"] = fast_encoder(self.tokenizer)
-        return encode(text, add_special_tokens)
+        return self._tokenizer_shortcut("_encoder", fast_encoder)(text, add_special_tokens)
+
+    def decode_text(self, token_ids: list[int]) -> str:
+        """Text of ``token_ids``, exactly as ``tokenizer.decode(ids, skip_special_tokens=True)``."""
+        from .tokenizing import fast_decoder
+
+        return self._tokenizer_shortcut("_decoder", fast_decoder)(token_ids)
+
+    def _tokenizer_shortcut(self, key: str, build: Callable[[Any], Any]) -> Any:
+        """``build(self.tokenizer)``, built at first use (the tokenizer is loaded by ``start``) and kept."""
+        fn = self.__dict__.get(key)
+        if fn is None:
+            fn = self.__dict__[key] = build(self.tokenizer)
+        return fn
 
     def token_text(self, token_id: int) -> str:
         """The text of one token, as shown in log-probabilities (cached: the vocabulary is fixed)."""

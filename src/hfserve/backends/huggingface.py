@@ -486,7 +486,7 @@ class HuggingFaceBackend(Backend):
         job.live = params.n
 
     def _new_rows(self, job: _Job) -> list[_Seq]:
-        return [_Seq(job, i, TextStream(self.tokenizer, job.params.stop)) for i in range(job.params.n)]
+        return [_Seq(job, i, TextStream(self.decode_text, job.params.stop)) for i in range(job.params.n)]
 
     def _admit(self, jobs: list[_Job]) -> None:
         if self._encoder_decoder:

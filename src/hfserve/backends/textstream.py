@@ -3,53 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
-
-
-def _decoder(tokenizer: Any) -> Callable[[list[int]], str]:
-    """``tokenizer.decode(ids, skip_special_tokens=True)``, called once per token per sequence.
-
-    For a plain fast tokenizer whose decode adds nothing to the Rust tokenizer's (no
-    clean-up of tokenization spaces, no subclass override) this calls the Rust decoder
-    directly, which gives the same string without transformers' per-call Python work.
-    Cached on the tokenizer object.
-    """
-    fn = _DECODERS.get(id(tokenizer))
-    if fn is not None and fn[0] is tokenizer:
-        return fn[1]
-
-    def slow(ids: list[int]) -> str:
-        return tokenizer.decode(ids, skip_special_tokens=True)
-
-    decoder: Callable[[list[int]], str] = slow
-    try:
-        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
-        from transformers.tokenization_utils_tokenizers import TokenizersBackend
-
-        cls = type(tokenizer)
-        raw = getattr(tokenizer, "_tokenizer", None)
-        if (
-            isinstance(tokenizer, TokenizersBackend)
-            and cls.decode is PreTrainedTokenizerBase.decode
-            and cls._decode is TokenizersBackend._decode
-            and getattr(tokenizer, "clean_up_tokenization_spaces", True) is False
-            and raw is not None
-            and callable(getattr(raw, "decode", None))
-        ):
-
-            def fast(ids: list[int]) -> str:
-                return raw.decode(ids, skip_special_tokens=True)
-
-            decoder = fast
-    except Exception:  # noqa: BLE001 - another transformers layout: the plain call
-        decoder = slow
-    if len(_DECODERS) > 64:
-        _DECODERS.clear()
-    _DECODERS[id(tokenizer)] = (tokenizer, decoder)
-    return decoder
-
-
-_DECODERS: dict[int, tuple[Any, Callable[[list[int]], str]]] = {}
 
 
 class TextStream:
@@ -60,8 +13,8 @@ class TextStream:
     and reports the stop string that ended the sequence.
     """
 
-    def __init__(self, tokenizer: Any, stop: list[str], *, final_flush: bool = True):
-        self.tokenizer = tokenizer
+    def __init__(self, decode: Callable[[list[int]], str], stop: list[str], *, final_flush: bool = True):
+        self.decode = decode  # token ids -> text, special tokens skipped
         self.stop = [s for s in stop if s]
         self.holdback = max((len(s) for s in self.stop), default=1) - 1
         self.token_ids: list[int] = []
@@ -70,7 +23,7 @@ class TextStream:
         self.stopped_by: str | None = None
 
     def _decode(self) -> str:
-        return _decoder(self.tokenizer)(self.token_ids)
+        return self.decode(self.token_ids)
 
     def push(self, token_id: int, *, emit_token: bool = True) -> str:
         """Add one token; return the text that is now safe to send."""

@@ -1,4 +1,4 @@
-"""Tokenizing request text on the event loop, cheaply.
+"""Tokenizing request text on the event loop, and detokenizing generated tokens, cheaply.
 
 ``tokenizer(text)["input_ids"]`` spends most of its time in transformers' Python
 (argument checks, truncation and padding set-up, ``BatchEncoding``), not in the
@@ -8,6 +8,10 @@ configured copy of the Rust tokenizer directly, and only where that is provably
 the same: the tokenizer must be a plain fast tokenizer (no Python override of its
 encoding) and must give the same ids as the transformers call on probe texts,
 special tokens included; otherwise the transformers call is used.
+
+Decoding is the same story on the decode thread (once per token per sequence):
+:func:`fast_decoder` calls the Rust decoder where transformers' ``decode`` adds
+nothing to it.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 logger = logging.getLogger("hfserve.backends.tokenizing")
 
 Encoder = Callable[[str, bool], list[int]]
+Decoder = Callable[[list[int]], str]
 
 _PROBES = (
     "Hello world",
@@ -64,4 +69,38 @@ def fast_encoder(tokenizer: Any) -> Encoder:
             if fast(probe, add) != slow(probe, add):
                 logger.info("tokenizer %s: using the transformers call (its Rust tokenizer differs on %r)", type(tokenizer).__name__, probe)
                 return slow
+    return fast
+
+
+def fast_decoder(tokenizer: Any) -> Decoder:
+    """The fastest decoder that gives exactly ``tokenizer.decode(ids, skip_special_tokens=True)``.
+
+    For a plain fast tokenizer whose decode adds nothing to the Rust tokenizer's (no
+    clean-up of tokenization spaces, no subclass override) this calls the Rust decoder
+    directly, which gives the same string without transformers' per-call Python work.
+    """
+
+    def slow(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    try:
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:  # another transformers layout: no shortcut
+        return slow
+    cls = type(tokenizer)
+    raw = getattr(tokenizer, "_tokenizer", None)
+    if not (
+        isinstance(tokenizer, TokenizersBackend)
+        and cls.decode is PreTrainedTokenizerBase.decode
+        and cls._decode is TokenizersBackend._decode
+        and getattr(tokenizer, "clean_up_tokenization_spaces", True) is False
+        and raw is not None
+        and callable(getattr(raw, "decode", None))
+    ):
+        return slow
+
+    def fast(ids: list[int]) -> str:
+        return raw.decode(ids, skip_special_tokens=True)
+
     return fast
