@@ -103,7 +103,7 @@ def test_unsupported_parameter_encoders(bert_cls, minilm):
                  "unsupported_parameter", param="dimensions")
 
 
-@pytest.mark.parametrize("inp, param", [("", "input"), (["a sentence", ""], "input.1")])
+@pytest.mark.parametrize("inp, param", [("", "input"), ([""], "input"), (["a sentence", ""], "input.1")])
 def test_empty_embedding_input_is_refused(minilm, inp, param):
     """OpenAI refuses an empty string; a tokenizer would embed its special tokens alone."""
     msg = assert_error(post(minilm, "/openai/v1/embeddings", {"model": "minilm", "input": inp}), "invalid_request", param=param)

@@ -158,12 +158,18 @@ class ModelService:
             # the template already holds the special tokens it wants
             return self.tokenize(text, add_special_tokens=False)
 
-    def encode_inputs(self, texts: list[str], param: str) -> list[list[int]]:
-        """Tokenize encoder inputs; over-long inputs are an error, never truncated."""
+    def encode_inputs(self, texts: list[str], param: str, *, refuse_empty_text: bool = False) -> list[list[int]]:
+        """Tokenize encoder inputs; over-long inputs are an error, never truncated. With
+        ``refuse_empty_text`` an empty string is an error too (OpenAI's embeddings refuse it;
+        the tokenizer would turn it into special tokens alone)."""
         if not texts:
             raise errors.InvalidRequest(f"{param} must contain at least one input", param=param)
+        indexed = len(texts) > 1 or param.endswith("s")
+        if refuse_empty_text and "" in texts:
+            where = f"{param}.{texts.index('')}" if indexed else param
+            raise errors.InvalidRequest(f"{where} is an empty string; send some text", param=where)
         inputs = [self.tokenize(text) for text in texts]
-        return self.check_inputs(inputs, param, indexed=len(texts) > 1 or param.endswith("s"))
+        return self.check_inputs(inputs, param, indexed=indexed)
 
     def check_inputs(self, inputs: list[list[int]], param: str, *, indexed: bool = True) -> list[list[int]]:
         """Encoder inputs as token ids: none empty, none longer than the context length."""

@@ -469,16 +469,6 @@ async def _stream_chat(
 
 
 # ---------------------------------------------------------------- embeddings
-def _texts(texts: list[str], *, indexed: bool) -> list[str]:
-    """Input strings, refused when empty as OpenAI refuses them (a tokenizer would turn an
-    empty string into special tokens alone, and its embedding would mean nothing)."""
-    for i, text in enumerate(texts):
-        if not text:
-            where = f"input.{i}" if indexed else "input"
-            raise errors.InvalidRequest(f"{where} is an empty string; embeddings need some text", param=where)
-    return list(texts)
-
-
 @router.post("/embeddings", openapi_extra=json_schema_body(EmbeddingRequest), response_model=None)
 async def create_embeddings(request: Request) -> Response:
     service = _service(request)
@@ -487,9 +477,9 @@ async def create_embeddings(request: Request) -> Response:
     service.require("the embeddings route", Task.text_embedding)
     inp = body.input
     if isinstance(inp, str):
-        inputs = service.encode_inputs(_texts([inp], indexed=False), "input")
+        inputs = service.encode_inputs([inp], "input", refuse_empty_text=True)
     elif inp and all(isinstance(x, str) for x in inp):
-        inputs = service.encode_inputs(_texts(inp, indexed=True), "input")  # type: ignore[arg-type]
+        inputs = service.encode_inputs(list(inp), "input", refuse_empty_text=True)  # type: ignore[arg-type]
     elif inp and all(isinstance(x, int) for x in inp):
         inputs = service.check_inputs([service.check_token_ids(list(inp), "input")], "input")  # type: ignore[arg-type]
     elif inp:
