@@ -21,9 +21,10 @@ import pytest
 import torch
 
 from hfserve import errors
-from hfserve.backends.base import SamplingParams
+from hfserve.generation import SamplingParams
 from hfserve.backends.batching import BatchWindow, MicroBatcher
 from hfserve.backends.huggingface import HuggingFaceBackend
+from hfserve.config import BatchingConfig, ModelConfig
 
 SENTENCES = [f"sentence number {i} is " + "quite " * (i % 7) + "short" for i in range(24)]
 PROMPTS = ["The cat sat on", "Once upon a time", "hello", "a much longer prompt with many words in it, to pad the others"]
@@ -50,7 +51,7 @@ def greedy(max_tokens=16):
 
 def started_backend(model_dir):
     """A loaded backend in this process (a 50 ms batch window, so concurrent test calls always meet)."""
-    b = HuggingFaceBackend(str(model_dir), max_batch_size=32, max_batch_wait_ms=50)
+    b = HuggingFaceBackend(ModelConfig.local(model_dir), BatchingConfig(max_batch_size=32, max_batch_wait_ms=50))
     run(b.start())
     yield b
     run(b.stop())
@@ -89,7 +90,7 @@ def test_concurrent_embeddings_are_merged_and_equal_sequential(minilm_backend):
 
 
 def test_batch_never_exceeds_max_batch_size(models):
-    b = HuggingFaceBackend(str(models["minilm"]), max_batch_size=4, max_batch_wait_ms=50)
+    b = HuggingFaceBackend(ModelConfig.local(models["minilm"]), BatchingConfig(max_batch_size=4, max_batch_wait_ms=50))
     run(b.start())
     try:
         ids = [b.tokenizer(s)["input_ids"] for s in SENTENCES[:12]]
@@ -396,7 +397,7 @@ def test_requests_queued_behind_a_batch_wait_for_newcomers():
 
 
 def test_a_lone_generation_request_waits_the_idle_time_not_the_window(models):
-    b = HuggingFaceBackend(str(models["llama"]), max_batch_wait_ms=10_000, batch_idle_ms=30)
+    b = HuggingFaceBackend(ModelConfig.local(models["llama"]), BatchingConfig(max_batch_wait_ms=10_000, batch_idle_ms=30))
     run(b.start())
     try:
         started = time.monotonic()
@@ -442,7 +443,7 @@ def test_transformers_backend_shortens_openmp_spinning_unless_set(models, monkey
 
 def test_deltas_handed_over_together_are_one_delta_per_sequence():
     """A consumer that fell behind gets several steps at once, still as one delta per sequence."""
-    from hfserve.backends.base import SequenceDelta, TokenLogprob, coalesce
+    from hfserve.generation import SequenceDelta, TokenLogprob, coalesce
 
     lp = [TokenLogprob(i, f"t{i}", -0.1 * i) for i in range(4)]
     steps = [

@@ -27,16 +27,17 @@ async def _collect(backend, prompt_ids, params):
     return tokens, finish
 
 
-def _backend(path, **kwargs):
+def _backend(path, dtype="auto"):
     from hfserve.backends.huggingface import HuggingFaceBackend
+    from hfserve.config import BatchingConfig, ModelConfig
 
-    backend = HuggingFaceBackend(str(path), device="cuda", **kwargs)
+    backend = HuggingFaceBackend(ModelConfig.local(path, dtype=dtype), BatchingConfig(), device="cuda")
     asyncio.run(backend.start())
     return backend
 
 
 def test_batched_greedy_on_cuda_matches_generate(models):
-    from hfserve.backends.base import SamplingParams
+    from hfserve.generation import SamplingParams
 
     backend = _backend(models["llama"], dtype="float32")
     try:
@@ -60,7 +61,7 @@ def test_batched_greedy_on_cuda_matches_generate(models):
 
 
 def test_auto_dtype_is_half_on_gpu_and_sampling_runs(models):
-    from hfserve.backends.base import SamplingParams
+    from hfserve.generation import SamplingParams
 
     backend = _backend(models["llama"])
     try:

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import asyncio
 
-from hfserve.backends.base import SamplingParams
+from hfserve.generation import SamplingParams
 from hfserve.backends.huggingface import HuggingFaceBackend
+from hfserve.config import ModelConfig
 from hfserve.service import ModelService
 
 
 def test_eos_ends_with_stop_and_is_counted(models):
     async def scenario():
-        backend = HuggingFaceBackend(str(models["llama"]))
+        backend = HuggingFaceBackend(ModelConfig.local(models["llama"]))
         service = ModelService("eos", backend)
         await service.start()
         try:

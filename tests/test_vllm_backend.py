@@ -402,7 +402,7 @@ def test_map_validation_errors(bare_backend):
 
 def test_map_sampling_params_rejection(bare_backend):
     from hfserve import errors
-    from hfserve.backends.base import SamplingParams
+    from hfserve.generation import SamplingParams
 
     with pytest.raises(errors.InvalidRequest) as info:
         with bare_backend.map_exceptions("rid"):

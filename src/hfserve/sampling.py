@@ -12,7 +12,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from . import errors
-from .backends.base import Capabilities, SamplingParams
+from .generation import Capabilities, SamplingParams
 
 MAX_STOP_SEQUENCES = 16
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import chat, errors
-from .backends.base import Backend, SamplingParams, SequenceDelta, TokenLogprob
+from .backends.base import Backend
+from .generation import SamplingParams, SequenceDelta, TokenLogprob
 from .sampling import SamplingOptions, build_params
 from .tasks import Task
 

@@ -31,7 +31,7 @@ from openai.types.completion_choice import Logprobs
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import errors
-from ..backends.base import SequenceDelta, TokenLogprob
+from ..generation import SequenceDelta, TokenLogprob
 from ..chat import ChatMessage
 from ..sampling import SamplingOptions
 from ..service import Generation, ModelService, merge

@@ -13,10 +13,10 @@ import abc
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 from .. import errors
+from ..generation import Capabilities, SamplingParams, SequenceDelta
 from ..tasks import Task
 
 
@@ -48,86 +48,6 @@ def resolve_dtype(name: str | None, *, gpu: bool, config_dtype: Any = None) -> s
     if name not in DTYPE_ALIASES:
         raise ValueError(f"unsupported --dtype {name!r}; use auto, float32, float16 or bfloat16")
     return DTYPE_ALIASES[name]
-
-
-@dataclass
-class SamplingParams:
-    """Validated generation parameters, the same for every backend."""
-
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0: no top-k filter
-    seed: int | None = None
-    n: int = 1
-    stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False
-    logprobs: int | None = None  # None: none; k: the chosen token's and the k most likely
-    prompt_logprobs: int | None = None  # for echo with logprobs
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
-    min_tokens: int = 0
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-
-@dataclass
-class TokenLogprob:
-    """A generated (or prompt) token with its log-probability and the top alternatives."""
-
-    token_id: int
-    token: str
-    logprob: float
-    top: list[tuple[int, str, float]] = field(default_factory=list)
-
-
-@dataclass
-class SequenceDelta:
-    """What one step added to one of the ``n`` sequences of a request."""
-
-    index: int
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] | None = None
-    finish_reason: str | None = None  # "stop" | "length" | None while running
-    stop_reason: str | int | None = None  # the stop string or token that ended it
-    prompt_logprobs: list[TokenLogprob | None] | None = None  # first delta only, when asked
-
-
-def coalesce(deltas: list[SequenceDelta]) -> list[SequenceDelta]:
-    """Several steps' deltas as one delta per sequence (consumers render one choice per index)."""
-    merged: dict[int, SequenceDelta] = {}
-    for d in deltas:
-        into = merged.get(d.index)
-        if into is None:
-            merged[d.index] = SequenceDelta(
-                d.index, d.text, list(d.token_ids), list(d.logprobs) if d.logprobs is not None else None,
-                d.finish_reason, d.stop_reason, d.prompt_logprobs,
-            )  # fmt: skip
-            continue
-        into.text += d.text
-        into.token_ids += d.token_ids
-        if d.logprobs is not None:
-            into.logprobs = (into.logprobs or []) + d.logprobs
-        into.finish_reason, into.stop_reason = d.finish_reason, d.stop_reason
-        if into.prompt_logprobs is None:
-            into.prompt_logprobs = d.prompt_logprobs
-    return list(merged.values())
-
-
-@dataclass
-class Capabilities:
-    """What a backend can honour; the serving layer rejects the rest up front."""
-
-    max_logprobs: int = 20
-    max_n: int = 16
-    penalties: bool = False  # presence/frequency/repetition penalties
-    prompt_logprobs: bool = True
-    min_tokens: bool = False
 
 
 class Backend(abc.ABC):

@@ -25,11 +25,10 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..config import DEFAULT_IDLE_MS, DEFAULT_MAX_WAIT_MS
+
 logger = logging.getLogger("hfserve.backends.batching")
 
-#: defaults of --max_batch_wait_ms and --batch_idle_ms
-DEFAULT_MAX_WAIT_MS = 20.0
-DEFAULT_IDLE_MS = 5.0
 
 #: run(kind, inputs, option) -> one result per input
 RunFn = Callable[[str, list[list[int]], Any], list[Any]]

@@ -35,8 +35,10 @@ from typing import Any
 
 from .. import errors
 from ..tasks import Task, TaskInferenceError, infer_task, sentence_transformers_max_len, sentence_transformers_pooling
-from .batching import DEFAULT_IDLE_MS, DEFAULT_MAX_WAIT_MS, BatchWindow, MicroBatcher
-from .base import Backend, Capabilities, SamplingParams, SequenceDelta, TokenLogprob, coalesce, resolve_dtype
+from ..config import BatchingConfig, ModelConfig
+from .batching import BatchWindow, MicroBatcher
+from ..generation import Capabilities, SamplingParams, SequenceDelta, TokenLogprob, coalesce
+from .base import Backend, resolve_dtype
 from .textstream import TextStream
 
 logger = logging.getLogger("hfserve.backends.huggingface")
@@ -203,31 +205,21 @@ class _Cohort:
 class HuggingFaceBackend(Backend):
     name = "huggingface"
 
-    def __init__(
-        self,
-        model_path: str,
-        *,
-        task: Task | None = None,
-        revision: str | None = None,
-        tokenizer_revision: str | None = None,
-        dtype: str = "auto",
-        max_model_len: int | None = None,
-        trust_remote_code: bool = False,
-        device: str | None = None,
-        max_workers: int = 4,
-        max_batch_size: int = 32,
-        max_batch_wait_ms: float = DEFAULT_MAX_WAIT_MS,
-        batch_idle_ms: float = DEFAULT_IDLE_MS,
-    ):
+    def __init__(self, model: ModelConfig, batching: BatchingConfig | None = None, *, device: str | None = None):
         super().__init__()
-        self.model_path = model_path
-        self.requested_task = task
-        self.revision = revision
-        self.tokenizer_revision = tokenizer_revision
-        self.dtype_name = dtype
-        self.requested_max_len = max_model_len
-        self.trust_remote_code = trust_remote_code
+        batching = batching or BatchingConfig()
+        self.model_config = model
+        self.model_path = model.source
+        self.requested_task = model.task
+        self.revision = model.revision
+        self.tokenizer_revision = model.tokenizer_revision
+        self.dtype_name = model.dtype
+        self.requested_max_len = model.max_model_len
+        self.trust_remote_code = model.trust_remote_code
         self.device_name = device
+        max_workers = max(1, batching.max_threads)
+        max_batch_size = batching.max_batch_size
+        max_batch_wait_ms, batch_idle_ms = batching.max_batch_wait_ms, batching.batch_idle_ms
         self.capabilities = Capabilities(max_logprobs=20, max_n=16, penalties=True, prompt_logprobs=True, min_tokens=True)
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="hf-model")
         self.model: Any = None

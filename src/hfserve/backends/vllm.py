@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 from .. import errors
 from ..tasks import Task, TaskInferenceError, infer_task, sentence_transformers_pooling
-from .base import Backend, Capabilities, SamplingParams, SequenceDelta, TokenLogprob, resolve_dtype
+from ..generation import Capabilities, SamplingParams, SequenceDelta, TokenLogprob
+from .base import Backend, resolve_dtype
 
 if TYPE_CHECKING:
     from ..cli import Settings

@@ -1,0 +1,129 @@
+"""The server's typed configuration: what the command line resolves to.
+
+:mod:`hfserve.cli` turns the arguments into one frozen :class:`Config`; everything below it
+(the server, the app, the middleware, the backends) takes that object or one of its sections
+and never sees an argparse namespace. A test, or an embedding program, builds a ``Config``
+directly::
+
+    Config(model=ModelConfig(source="/models/minilm", name="minilm"))
+
+Sections:
+
+- :class:`ModelConfig`: which model, under which name, loaded how (task, dtype, context length,
+  revisions, tokenizer options);
+- :class:`ServerConfig`: listening, logging, shutdown;
+- :class:`LimitsConfig`: what protects the model from its clients (body size, admission,
+  deadlines, API key);
+- :class:`BatchingConfig`: the transformers backend's threads and batch windows;
+- :class:`EngineConfig`: the backend choice, and vLLM's own engine arguments carried unchanged
+  (``engine_args``, keyed by vLLM's ``AsyncEngineArgs`` field names) to the vLLM backend.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from .tasks import Task
+
+DEFAULT_MODEL_DIR = "/mnt/models"
+DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+#: the longest a batch waits for more requests once it could start (ms)
+DEFAULT_MAX_WAIT_MS = 20.0
+#: a forming batch closes once no newcomer has joined it for this long (ms)
+DEFAULT_IDLE_MS = 5.0
+
+BACKENDS = ("auto", "huggingface", "vllm")
+
+
+def _frozen_mapping(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    return MappingProxyType(dict(value or {}))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    #: what to load: a local directory or a Hub id
+    source: str
+    #: ``source`` when it is a local directory (task inference and sentence-transformers files read it)
+    local_dir: Path | None = None
+    #: the name served in routes and in ``model`` fields
+    name: str = "model"
+    #: None: inferred from the model's config when it is loaded
+    task: Task | None = None
+    revision: str | None = None
+    tokenizer_revision: str | None = None
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    trust_remote_code: bool = False
+    return_probabilities: bool = False
+    return_token_type_ids: bool = False
+    disable_lower_case: bool = False
+    disable_special_tokens: bool = False
+
+    @classmethod
+    def local(cls, path: str | Path, **kwargs: Any) -> ModelConfig:
+        """A model in a local directory."""
+        return cls(source=str(path), local_dir=Path(path), **kwargs)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "0.0.0.0"
+    http_port: int = 8080
+    grpc_port: int = 8081
+    enable_grpc: bool = True
+    log_requests: bool = True
+    shutdown_grace_seconds: float = 30.0
+    #: the OpenAI routes' prefix; None: ``$KSERVE_OPENAI_ROUTE_PREFIX`` or ``openai``
+    openai_prefix: str | None = None
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_request_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    #: model requests running at once (None: no limit)
+    max_concurrent_requests: int | None = None
+    #: model requests waiting for a slot; beyond it: overloaded
+    max_queue_size: int = 256
+    request_timeout_seconds: float | None = None
+    api_key: str | None = None
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """The transformers backend's model threads and batch windows."""
+
+    max_threads: int = 4
+    max_batch_size: int = 32
+    max_batch_wait_ms: float = DEFAULT_MAX_WAIT_MS
+    batch_idle_ms: float = DEFAULT_IDLE_MS
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    #: ``auto``, ``huggingface`` or ``vllm``
+    backend: str = "auto"
+    #: vLLM's engine arguments, by ``AsyncEngineArgs`` field name, passed to vLLM unchanged
+    #: (the model section's source, revisions, dtype, context length and trust_remote_code are
+    #: added by the vLLM backend; an entry here overrides what hfserve would choose)
+    engine_args: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "engine_args", _frozen_mapping(self.engine_args))
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig
+    server: ServerConfig = field(default_factory=ServerConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+
+    def replace(self, **sections: Any) -> Config:
+        """A copy with some sections replaced (``config.replace(engine=EngineConfig(...))``)."""
+        return dataclasses.replace(self, **sections)

@@ -1,0 +1,90 @@
+"""What generation requests and results are, on every layer: the validated sampling
+parameters a backend runs, the deltas it streams back, and what a backend can honour.
+
+Backend-neutral data: the backends produce and consume it, the service passes it on, and the
+API families render it; it imports nothing of hfserve's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingParams:
+    """Validated generation parameters, the same for every backend."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no top-k filter
+    seed: int | None = None
+    n: int = 1
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; k: the chosen token's and the k most likely
+    prompt_logprobs: int | None = None  # for echo with logprobs
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass
+class TokenLogprob:
+    """A generated (or prompt) token with its log-probability and the top alternatives."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: list[tuple[int, str, float]] = field(default_factory=list)
+
+
+@dataclass
+class SequenceDelta:
+    """What one step added to one of the ``n`` sequences of a request."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | None while running
+    stop_reason: str | int | None = None  # the stop string or token that ended it
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # first delta only, when asked
+
+
+def coalesce(deltas: list[SequenceDelta]) -> list[SequenceDelta]:
+    """Several steps' deltas as one delta per sequence (consumers render one choice per index)."""
+    merged: dict[int, SequenceDelta] = {}
+    for d in deltas:
+        into = merged.get(d.index)
+        if into is None:
+            merged[d.index] = SequenceDelta(
+                d.index, d.text, list(d.token_ids), list(d.logprobs) if d.logprobs is not None else None,
+                d.finish_reason, d.stop_reason, d.prompt_logprobs,
+            )  # fmt: skip
+            continue
+        into.text += d.text
+        into.token_ids += d.token_ids
+        if d.logprobs is not None:
+            into.logprobs = (into.logprobs or []) + d.logprobs
+        into.finish_reason, into.stop_reason = d.finish_reason, d.stop_reason
+        if into.prompt_logprobs is None:
+            into.prompt_logprobs = d.prompt_logprobs
+    return list(merged.values())
+
+
+@dataclass
+class Capabilities:
+    """What a backend can honour; the serving layer rejects the rest up front."""
+
+    max_logprobs: int = 20
+    max_n: int = 16
+    penalties: bool = False  # presence/frequency/repetition penalties
+    prompt_logprobs: bool = True
+    min_tokens: bool = False
