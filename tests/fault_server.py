@@ -32,9 +32,9 @@ class FaultyBackend(HuggingFaceBackend):
 
 
 def main() -> None:
-    settings = resolve(build_parser().parse_args(sys.argv[1:]))
-    hfserve_server.create_backend = lambda s: FaultyBackend(s.model, task=s.task)
-    raise SystemExit(hfserve_server.run(settings))
+    config = resolve(build_parser().parse_args(sys.argv[1:]))
+    hfserve_server.create_backend = lambda c: FaultyBackend(c.model, c.batching)
+    raise SystemExit(hfserve_server.run(config))
 
 
 if __name__ == "__main__":

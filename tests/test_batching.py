@@ -432,12 +432,12 @@ def test_transformers_backend_shortens_openmp_spinning_unless_set(models, monkey
     from hfserve.backends import OPENMP_SPIN, create_backend
     from hfserve.cli import build_parser, resolve
 
-    settings = resolve(build_parser().parse_args(["--model_dir", str(models["llama"]), "--backend", "huggingface"]))
+    config = resolve(build_parser().parse_args(["--model_dir", str(models["llama"]), "--backend", "huggingface"]))
     monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
-    create_backend(settings)
+    create_backend(config)
     assert os.environ["GOMP_SPINCOUNT"] == OPENMP_SPIN
     monkeypatch.setenv("GOMP_SPINCOUNT", "7")
-    create_backend(settings)
+    create_backend(config)
     assert os.environ["GOMP_SPINCOUNT"] == "7"
 
 

@@ -81,10 +81,10 @@ def test_kserve_defaults():
 
 
 def test_resolve_infers_task(models):
-    settings = resolve(build_parser().parse_args(["--model_dir", str(models["bert_tok"])]))
-    assert settings.task is Task.token_classification
-    settings = resolve(build_parser().parse_args(["--model_dir", str(models["minilm"])]))
-    assert settings.task is Task.text_embedding
+    config = resolve(build_parser().parse_args(["--model_dir", str(models["bert_tok"])]))
+    assert config.model.task is Task.token_classification
+    config = resolve(build_parser().parse_args(["--model_dir", str(models["minilm"])]))
+    assert config.model.task is Task.text_embedding
 
 
 @pytest.mark.parametrize(

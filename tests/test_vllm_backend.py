@@ -361,11 +361,10 @@ def test_embedding_model_refuses_generation(minilm_vllm):
 # ------------------------------------------------------------------ exception translation (no engine)
 @pytest.fixture
 def bare_backend():
-    from types import SimpleNamespace
-
     from hfserve.backends.vllm import VLLMBackend
+    from hfserve.config import ModelConfig
 
-    return VLLMBackend(SimpleNamespace(model="m", local_dir=None, task=None, args=SimpleNamespace()))
+    return VLLMBackend(ModelConfig(source="m"))
 
 
 def _translate(backend, exc, request_id="rid-1"):

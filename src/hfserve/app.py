@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import errors
 from .api import kserve_v1, kserve_v2, openai
 from .api.routing import CLIENT_CLOSED, index_routes, request_id, tidy_openapi
+from .config import Config
 from .limits import Admission
 from .metrics import Metrics
 from .middleware import ContractMiddleware
@@ -119,7 +120,17 @@ def _http_exception(exc: StarletteHTTPException, request: Request) -> errors.HFS
     return errors.InternalError(str(exc.detail))
 
 
-def create_app(service: ModelService, config: AppConfig | None = None) -> FastAPI:
+def create_app(service: ModelService, config: AppConfig | Config | None = None) -> FastAPI:
+    if isinstance(config, Config):  # interim, until AppConfig is replaced by the typed configuration
+        config = AppConfig(
+            max_request_body_bytes=config.limits.max_request_body_bytes,
+            log_requests=config.server.log_requests,
+            openai_prefix=config.server.openai_prefix,
+            max_concurrent_requests=config.limits.max_concurrent_requests,
+            max_queue_size=config.limits.max_queue_size,
+            request_timeout_seconds=config.limits.request_timeout_seconds,
+            api_key=config.limits.api_key,
+        )
     config = config or AppConfig()
     prefix = openai_prefix(config.openai_prefix)
     metrics = Metrics()

@@ -1,7 +1,8 @@
 """Command line: a drop-in for KServe huggingfaceserver's flags.
 
-Bad flags, conflicting flags, a missing model directory or an unsupported task
-end with one line on stderr and exit code 2 (no traceback).
+:func:`resolve` turns the parsed arguments into the typed :class:`~hfserve.config.Config`
+that everything below takes. Bad flags, conflicting flags, a missing model directory or an
+unsupported task end with one line on stderr and exit code 2 (no traceback).
 """
 
 from __future__ import annotations
@@ -10,15 +11,24 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
-from .backends.batching import DEFAULT_IDLE_MS, DEFAULT_MAX_WAIT_MS
+from .config import (
+    BACKENDS,
+    DEFAULT_IDLE_MS,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_WAIT_MS,
+    DEFAULT_MODEL_DIR,
+    BatchingConfig,
+    Config,
+    EngineConfig,
+    LimitsConfig,
+    ModelConfig,
+    ServerConfig,
+)
 from .tasks import Task, TaskInferenceError, infer_task, parse_task
 
-DEFAULT_MODEL_DIR = "/mnt/models"
-BACKENDS = ("auto", "huggingface", "vllm")
 DTYPES = ("auto", "float16", "float32", "bfloat16", "float", "half")
 
 
@@ -69,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max_batch_wait_ms", type=float, default=DEFAULT_MAX_WAIT_MS, help="longest a batch waits for more requests after its first (transformers backend)")
     s.add_argument("--batch_idle_ms", type=float, default=DEFAULT_IDLE_MS, help="a forming batch closes once no request has joined it for this long (transformers backend)")
     s.add_argument("--disable_log_requests", action="store_true", help="no access log line per request")
-    s.add_argument("--max_request_body_bytes", type=int, default=16 * 1024 * 1024, help="larger bodies get 413")
+    s.add_argument("--max_request_body_bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="larger bodies get 413")
     s.add_argument("--max_concurrent_requests", type=int, default=None, help="model requests running at once (default: no limit)")
     s.add_argument("--max_queue_size", type=int, default=256, help="model requests waiting for a slot; beyond it: 503 overloaded")
     s.add_argument("--request_timeout_seconds", type=float, default=None, help="deadline of a request (x-request-timeout overrides it); then 504")
@@ -84,12 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@dataclass
-class Settings:
-    model: str  # local directory or Hub id
-    local_dir: Path | None
-    task: Task | None
-    args: argparse.Namespace
+#: flags of the "vLLM engine" group: passed to vLLM under the same name (AsyncEngineArgs fields)
+ENGINE_FLAGS = ("tensor_parallel_size", "gpu_memory_utilization", "max_num_seqs", "enforce_eager", "max_logprobs")
 
 
 def _fail(message: str) -> NoReturn:
@@ -97,7 +103,7 @@ def _fail(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
-def resolve(args: argparse.Namespace) -> Settings:
+def resolve(args: argparse.Namespace) -> Config:
     """Check the flags against each other and the file system (exit 2 on a problem)."""
     if args.model_id and args.model_dir:
         _fail("--model_id and --model_dir both name a model; give one of them")
@@ -162,14 +168,56 @@ def resolve(args: argparse.Namespace) -> Settings:
         Task.fill_mask,
     ):
         _fail(f"--return_probabilities applies to classification and fill-mask models, not to {task.label}")
-    return Settings(model=model, local_dir=local_dir, task=task, args=args)
+    return _config(args, model, local_dir, task)
+
+
+def _config(args: argparse.Namespace, source: str, local_dir: Path | None, task: Task | None) -> Config:
+    engine_args: dict[str, Any] = {name: getattr(args, name) for name in ENGINE_FLAGS if getattr(args, name) is not None}
+    return Config(
+        model=ModelConfig(
+            source=source,
+            local_dir=local_dir,
+            name=args.model_name,
+            task=task,
+            revision=args.model_revision,
+            tokenizer_revision=args.tokenizer_revision,
+            dtype=args.dtype,
+            max_model_len=args.max_model_len,
+            trust_remote_code=args.trust_remote_code,
+            return_probabilities=args.return_probabilities,
+            return_token_type_ids=args.return_token_type_ids,
+            disable_lower_case=args.disable_lower_case,
+            disable_special_tokens=args.disable_special_tokens,
+        ),
+        server=ServerConfig(
+            host=args.host,
+            http_port=args.http_port,
+            grpc_port=args.grpc_port,
+            enable_grpc=args.enable_grpc,
+            log_requests=not args.disable_log_requests,
+            shutdown_grace_seconds=args.shutdown_grace_seconds,
+        ),
+        limits=LimitsConfig(
+            max_request_body_bytes=args.max_request_body_bytes,
+            max_concurrent_requests=args.max_concurrent_requests,
+            max_queue_size=args.max_queue_size,
+            request_timeout_seconds=args.request_timeout_seconds,
+            api_key=args.api_key,
+        ),
+        batching=BatchingConfig(
+            max_threads=max(1, args.max_threads),
+            max_batch_size=args.max_batch_size,
+            max_batch_wait_ms=args.max_batch_wait_ms,
+            batch_idle_ms=args.batch_idle_ms,
+        ),
+        engine=EngineConfig(backend=args.backend, engine_args=engine_args),
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    settings = resolve(args)
+    config = resolve(build_parser().parse_args(argv))
     from .server import run
 
-    raise SystemExit(run(settings))
+    raise SystemExit(run(config))
 
 

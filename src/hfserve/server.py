@@ -9,16 +9,14 @@ import logging
 import signal
 import sys
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import uvicorn
 
-from .app import AppConfig, create_app
+from .app import create_app
 from .backends import BackendUnavailable, create_backend
+from .config import Config
 from .service import ModelService
-
-if TYPE_CHECKING:
-    from .cli import Settings
 
 logger = logging.getLogger("hfserve")
 
@@ -43,27 +41,18 @@ class _UvicornServer(uvicorn.Server):
 class Server:
     """Owns the model service, the HTTP server and (when enabled) the gRPC server."""
 
-    def __init__(self, settings: Settings):
-        args = settings.args
-        self.settings = settings
-        self.backend = create_backend(settings)
-        self.service = ModelService(args.model_name, self.backend, return_probabilities=args.return_probabilities)
-        self.app = create_app(
-            self.service,
-            AppConfig(
-                max_request_body_bytes=args.max_request_body_bytes,
-                log_requests=not args.disable_log_requests,
-                max_concurrent_requests=args.max_concurrent_requests,
-                max_queue_size=args.max_queue_size,
-                request_timeout_seconds=args.request_timeout_seconds,
-                api_key=args.api_key,
-            ),
+    def __init__(self, config: Config):
+        self.config = config
+        self.backend = create_backend(config)
+        self.service = ModelService(
+            config.model.name, self.backend, return_probabilities=config.model.return_probabilities
         )
+        self.app = create_app(self.service, config)
         self.http = _UvicornServer(
             uvicorn.Config(
                 self.app,
-                host=args.host,
-                port=args.http_port,
+                host=config.server.host,
+                port=config.server.http_port,
                 log_config=None,
                 access_log=False,
                 lifespan="off",
@@ -81,7 +70,7 @@ class Server:
         try:
             await self.service.start()
         except Exception as exc:  # noqa: BLE001 - reported as one line, then exit
-            logger.error("cannot serve model %s: %s", self.settings.model, exc, exc_info=logger.isEnabledFor(logging.DEBUG))
+            logger.error("cannot serve model %s: %s", self.config.model.source, exc, exc_info=logger.isEnabledFor(logging.DEBUG))
             self.exit_code = 1
             self.http.should_exit = True
             return
@@ -101,7 +90,7 @@ class Server:
         self._draining = asyncio.ensure_future(self._drain())
 
     async def _drain(self) -> None:
-        grace = self.settings.args.shutdown_grace_seconds
+        grace = self.config.server.shutdown_grace_seconds
         started = asyncio.get_running_loop().time()
         idle = await self.app.state.admission.wait_idle(grace)
         if not idle:
@@ -112,19 +101,19 @@ class Server:
         self.http.should_exit = True
 
     async def serve(self) -> int:
-        args = self.settings.args
-        if args.enable_grpc:
+        server, limits = self.config.server, self.config.limits
+        if server.enable_grpc:
             from .api.grpc import start_grpc_server
 
             self.grpc = await start_grpc_server(
                 self.service,
-                args.host,
-                args.grpc_port,
+                server.host,
+                server.grpc_port,
                 self.app.state.errors,
-                max_message_bytes=args.max_request_body_bytes,
+                max_message_bytes=limits.max_request_body_bytes,
                 admission=self.app.state.admission,
-                api_key=args.api_key,
-                request_timeout=args.request_timeout_seconds,
+                api_key=limits.api_key,
+                request_timeout=limits.request_timeout_seconds,
             )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -167,10 +156,10 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-def run(settings: Settings) -> int:
+def run(config: Config) -> int:
     configure_logging()
     try:
-        server = Server(settings)
+        server = Server(config)
     except BackendUnavailable as exc:
         sys.stderr.write(f"hfserve: error: {exc}\n")
         return 2

@@ -1,16 +1,12 @@
-"""Model runtimes. :func:`create_backend` picks one for the command line's settings."""
+"""Model runtimes. :func:`create_backend` picks one for the configuration."""
 
 from __future__ import annotations
 
 import importlib.util
 import logging
 import os
-from typing import TYPE_CHECKING
-
+from ..config import Config, ModelConfig
 from .base import Backend
-
-if TYPE_CHECKING:
-    from ..cli import Settings
 
 logger = logging.getLogger("hfserve.backends")
 
@@ -23,7 +19,7 @@ def vllm_installed() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def vllm_support(settings: Settings) -> tuple[bool, str]:
+def vllm_support(model: ModelConfig) -> tuple[bool, str]:
     """Whether vLLM can serve this model, and why (not)."""
     if not vllm_installed():
         return False, "vLLM is not installed"
@@ -31,7 +27,7 @@ def vllm_support(settings: Settings) -> tuple[bool, str]:
         from . import vllm as vllm_backend
     except ImportError as exc:  # pragma: no cover - depends on the install
         return False, f"the vLLM backend cannot be imported ({exc})"
-    return vllm_backend.supports(settings)
+    return vllm_backend.supports(model)
 
 
 #: iterations an idle OpenMP thread spins before it sleeps (GNU OpenMP's default is 300,000)
@@ -54,35 +50,22 @@ def openmp_defaults() -> None:
     os.environ.setdefault("GOMP_SPINCOUNT", OPENMP_SPIN)
 
 
-def create_backend(settings: Settings) -> Backend:
-    args = settings.args
-    choice = args.backend
+def create_backend(config: Config) -> Backend:
+    choice = config.engine.backend
     if choice == "huggingface" or (choice == "auto" and not vllm_installed()):
         openmp_defaults()  # else vLLM may serve it, and checking that has imported torch
     if choice == "auto":
-        ok, why = vllm_support(settings)
+        ok, why = vllm_support(config.model)
         choice = "vllm" if ok else "huggingface"
         logger.info("--backend auto chose %s: %s", choice, why)
     elif choice == "vllm":
-        ok, why = vllm_support(settings)
+        ok, why = vllm_support(config.model)
         if not ok:
             raise BackendUnavailable(f"--backend vllm cannot serve this model: {why}")
     if choice == "vllm":
         from .vllm import VLLMBackend
 
-        return VLLMBackend(settings)
+        return VLLMBackend(config.model, config.engine)
     from .huggingface import HuggingFaceBackend
 
-    return HuggingFaceBackend(
-        settings.model,
-        task=settings.task,
-        revision=args.model_revision,
-        tokenizer_revision=args.tokenizer_revision,
-        dtype=args.dtype,
-        max_model_len=args.max_model_len,
-        trust_remote_code=args.trust_remote_code,
-        max_workers=max(1, args.max_threads),
-        max_batch_size=args.max_batch_size,
-        max_batch_wait_ms=args.max_batch_wait_ms,
-        batch_idle_ms=args.batch_idle_ms,
-    )
+    return HuggingFaceBackend(config.model, config.batching)

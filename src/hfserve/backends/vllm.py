@@ -23,16 +23,13 @@ import logging
 import re
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .. import errors
+from ..config import EngineConfig, ModelConfig
 from ..tasks import Task, TaskInferenceError, infer_task, sentence_transformers_pooling
 from ..generation import Capabilities, SamplingParams, SequenceDelta, TokenLogprob
 from .base import Backend, resolve_dtype
-
-if TYPE_CHECKING:
-    from ..cli import Settings
 
 logger = logging.getLogger("hfserve.backends.vllm")
 
@@ -51,10 +48,10 @@ class _InvalidSampling(ValueError):
 
 
 # ------------------------------------------------------------------ support
-def _model_config(settings: Settings) -> dict[str, Any] | None:
+def _model_config(model: ModelConfig) -> dict[str, Any] | None:
     """The model's config.json as a dict (local directory, else through transformers)."""
-    if settings.local_dir is not None:
-        path = Path(settings.local_dir) / "config.json"
+    if model.local_dir is not None:
+        path = model.local_dir / "config.json"
         try:
             return json.loads(path.read_text())
         except (OSError, ValueError):
@@ -63,9 +60,9 @@ def _model_config(settings: Settings) -> dict[str, Any] | None:
         import transformers
 
         cfg = transformers.AutoConfig.from_pretrained(
-            settings.model,
-            revision=settings.args.model_revision,
-            trust_remote_code=settings.args.trust_remote_code,
+            model.source,
+            revision=model.revision,
+            trust_remote_code=model.trust_remote_code,
         )
     except Exception:  # noqa: BLE001 - any failure means "cannot tell"; the HF backend reports it
         return None
@@ -92,26 +89,25 @@ def _on_cpu() -> bool:
         return False
 
 
-def _pooling(settings: Settings) -> tuple[str, bool]:
+def _pooling(model: ModelConfig) -> tuple[str, bool]:
     """The pooling the HF backend would use for this model."""
-    local = Path(settings.local_dir) if settings.local_dir is not None else None
-    return sentence_transformers_pooling(local) or ("mean", True)
+    return sentence_transformers_pooling(model.local_dir) or ("mean", True)
 
 
-def supports(settings: Settings) -> tuple[bool, str]:
+def supports(model: ModelConfig) -> tuple[bool, str]:
     """Whether vLLM can serve this model (without starting an engine), and why (not).
 
     The task is checked before vLLM is imported (importing it takes seconds), so
     ``--backend auto`` costs nothing for models only the HF backend serves.
     """
-    config = _model_config(settings)
+    config = _model_config(model)
     if config is None:
-        return False, f"cannot read the model config of {settings.model}"
+        return False, f"cannot read the model config of {model.source}"
     archs = [a for a in (config.get("architectures") or []) if isinstance(a, str)]
-    task = settings.task
+    task = model.task
     if task is None:
         try:
-            task = infer_task(archs, Path(settings.local_dir) if settings.local_dir is not None else None)
+            task = infer_task(archs, model.local_dir)
         except TaskInferenceError as exc:
             return False, str(exc)
     if task not in SUPPORTED_TASKS:
@@ -119,7 +115,7 @@ def supports(settings: Settings) -> tuple[bool, str]:
     if not archs:
         return False, "the model config names no architecture"
     if task is Task.text_embedding:
-        mode, _ = _pooling(settings)
+        mode, _ = _pooling(model)
         if mode not in _POOLING:
             return False, f"vLLM has no {mode} pooling (the model's sentence-transformers pooling)"
     try:
@@ -147,9 +143,10 @@ def supports(settings: Settings) -> tuple[bool, str]:
 class VLLMBackend(Backend):
     name = "vllm"
 
-    def __init__(self, settings: Settings):
+    def __init__(self, model: ModelConfig, engine: EngineConfig | None = None):
         super().__init__()
-        self.settings = settings
+        self.model_config = model
+        self.engine_config = engine or EngineConfig()
         self.engine: Any = None
         self.eos_token_ids: set[int] = set()
         self.pooling: tuple[str, bool] = ("mean", True)
@@ -161,23 +158,21 @@ class VLLMBackend(Backend):
     def _engine_args(self) -> Any:
         from vllm.engine.arg_utils import AsyncEngineArgs
 
-        args = self.settings.args
+        model = self.model_config
         cpu = _on_cpu()
         kwargs: dict[str, Any] = {
-            "model": str(self.settings.model),
-            "revision": args.model_revision,
-            "tokenizer_revision": args.tokenizer_revision or args.model_revision,
+            "model": str(model.source),
+            "revision": model.revision,
+            "tokenizer_revision": model.tokenizer_revision or model.revision,
             "dtype": self._dtype(cpu),
-            "max_model_len": args.max_model_len,
-            "trust_remote_code": args.trust_remote_code,
-            "tensor_parallel_size": args.tensor_parallel_size,
-            "gpu_memory_utilization": args.gpu_memory_utilization,
-            "max_num_seqs": args.max_num_seqs,
-            # CUDA graphs / torch.compile do not apply on CPU, and compiling costs minutes
-            "enforce_eager": bool(args.enforce_eager or cpu),
-            "max_logprobs": args.max_logprobs,
+            "max_model_len": model.max_model_len,
+            "trust_remote_code": model.trust_remote_code,
+            "max_logprobs": 20,
             "disable_log_stats": True,
         }
+        kwargs.update(self.engine_config.engine_args)  # vLLM's own arguments, unchanged
+        # CUDA graphs / torch.compile do not apply on CPU, and compiling costs minutes
+        kwargs["enforce_eager"] = bool(kwargs.get("enforce_eager") or cpu)
         if self.task is Task.text_embedding:
             from vllm.config.pooler import PoolerConfig
 
@@ -190,10 +185,10 @@ class VLLMBackend(Backend):
 
     def _dtype(self, cpu: bool) -> str:
         """The same rule as the HF backend (:func:`resolve_dtype`)."""
-        name = self.settings.args.dtype
+        name = self.model_config.dtype
         config_dtype = None
         if not cpu and (name or "auto").lower() == "auto":  # only then does the config's dtype matter
-            config = _model_config(self.settings) or {}
+            config = _model_config(self.model_config) or {}
             config_dtype = config.get("dtype") or config.get("torch_dtype")
         return resolve_dtype(name, gpu=not cpu, config_dtype=config_dtype)
 
@@ -201,22 +196,21 @@ class VLLMBackend(Backend):
         import transformers
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        settings, args = self.settings, self.settings.args
-        local = Path(settings.local_dir) if settings.local_dir is not None else None
-        task = settings.task
+        model = self.model_config
+        task = model.task
         if task is None:
-            config = _model_config(settings) or {}
-            task = infer_task(config.get("architectures"), local)
+            config = _model_config(model) or {}
+            task = infer_task(config.get("architectures"), model.local_dir)
         self.task = task
         if task is Task.text_embedding:
-            self.pooling = _pooling(settings)
+            self.pooling = _pooling(model)
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(
-            settings.model,
-            revision=args.tokenizer_revision or args.model_revision,
-            trust_remote_code=args.trust_remote_code,
+            model.source,
+            revision=model.tokenizer_revision or model.revision,
+            trust_remote_code=model.trust_remote_code,
         )
         engine_args = self._engine_args()
-        logger.info("starting the vLLM engine for %s (%s)", settings.model, task.value)
+        logger.info("starting the vLLM engine for %s (%s)", model.source, task.value)
         self.engine = AsyncLLM.from_engine_args(engine_args)
 
     async def start(self) -> None:
@@ -256,7 +250,7 @@ class VLLMBackend(Backend):
         self.eos_token_ids = eos
         logger.info(
             "vLLM engine ready: %s for %s as %s, max_model_len %d, max_num_seqs %d, max_logprobs %d",
-            self.settings.model,
+            self.model_config.source,
             self.task.value,
             model_config.dtype,
             self.max_model_len,
