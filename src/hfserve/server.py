@@ -69,7 +69,7 @@ class Server:
     async def _load(self) -> None:
         try:
             await self.service.start()
-        except Exception as exc:  # noqa: BLE001 - reported as one line, then exit
+        except Exception as exc:
             logger.error("cannot serve model %s: %s", self.config.model.source, exc, exc_info=logger.isEnabledFor(logging.DEBUG))
             self.exit_code = 1
             self.http.should_exit = True

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+
 from ..config import Config, ModelConfig
 from .base import Backend
 

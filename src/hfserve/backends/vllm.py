@@ -23,12 +23,12 @@ import logging
 import re
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 from .. import errors
 from ..config import EngineConfig, ModelConfig
-from ..tasks import Task, TaskInferenceError, infer_task, sentence_transformers_pooling
 from ..generation import Capabilities, SamplingParams, SequenceDelta, TokenLogprob
+from ..tasks import Task, TaskInferenceError, infer_task, sentence_transformers_pooling
 from .base import Backend, resolve_dtype
 
 logger = logging.getLogger("hfserve.backends.vllm")
@@ -36,7 +36,7 @@ logger = logging.getLogger("hfserve.backends.vllm")
 SUPPORTED_TASKS = (Task.text_generation, Task.text_embedding)
 
 #: sentence-transformers pooling modes (as the HF backend reads them) -> vLLM's sequence pooling types
-_POOLING = {"mean": "MEAN", "cls": "CLS", "lasttoken": "LAST"}
+_POOLING: dict[str, Literal["MEAN", "CLS", "LAST"]] = {"mean": "MEAN", "cls": "CLS", "lasttoken": "LAST"}
 
 #: vLLM's message for a prompt that does not fit: "The decoder prompt (length 300) is longer than ... of 256."
 _PROMPT_TOO_LONG = re.compile(r"prompt \(length (\d+)\).*maximum model length of (\d+)", re.S)
@@ -218,14 +218,15 @@ class VLLMBackend(Backend):
         # the engine start blocks for a while (subprocess, weights, KV cache): keep the loop serving health checks
         self._load_future = loop.run_in_executor(None, self._load)
         await asyncio.shield(self._load_future)
-        engine = self.engine
+        engine, task = self.engine, self.task
+        assert task is not None  # set by _load
         model_config = engine.model_config
         self.max_model_len = int(model_config.max_model_len)
         supported = await engine.get_supported_tasks()  # also starts the engine's output handling on this loop
-        wanted = "embed" if self.task is Task.text_embedding else "generate"
+        wanted = "embed" if task is Task.text_embedding else "generate"
         if wanted not in supported:
             raise errors.UnsupportedTask(
-                f"vLLM cannot run {self.task.label} with this model (it supports: {', '.join(supported) or 'nothing'})"
+                f"vLLM cannot run {task.label} with this model (it supports: {', '.join(supported) or 'nothing'})"
             )
         max_logprobs = int(model_config.max_logprobs)
         if max_logprobs < 0:  # -1: the whole vocabulary
@@ -251,7 +252,7 @@ class VLLMBackend(Backend):
         logger.info(
             "vLLM engine ready: %s for %s as %s, max_model_len %d, max_num_seqs %d, max_logprobs %d",
             self.model_config.source,
-            self.task.value,
+            task.value,
             model_config.dtype,
             self.max_model_len,
             max_n,
