@@ -7,9 +7,11 @@ so the failures are real exceptions escaping a backend, over HTTP and gRPC.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import threading
 import time
+import uuid
 
 import httpx
 import numpy as np
@@ -19,8 +21,8 @@ import tritonclient.grpc as tgrpc
 from tritonclient.utils import InferenceServerException
 
 from tests.conftest import ROOT
-from tests.servers import start_server, stop_server
 from tests.contract import assert_error
+from tests.servers import start_server, stop_server
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +127,39 @@ def test_mid_stream_error_event_shapes(faulty):
     assert "text_output" in events[0]
     assert set(events[-1]) == {"error"} and isinstance(events[-1]["error"], str)
     assert "/secret" not in events[-1]["error"]
+
+
+def ended_generations(server, request_id: str, count: int) -> list[tuple[str, int, int]]:
+    """(how, steps, still running) of the request's generations, from the fault server's log."""
+    pattern = re.compile(rf"generation of request {re.escape(request_id)} ended: (\w+) after (\d+) steps; (\d+) running")
+    deadline = time.monotonic() + 30
+    while True:
+        found = [(m[1], int(m[2]), int(m[3])) for m in pattern.finditer(server.log())]
+        if len(found) >= count or time.monotonic() > deadline:
+            return found
+        time.sleep(0.05)
+
+
+def test_a_failing_prompt_stops_the_other_prompts_of_its_request(faulty_server):
+    """One generation of a request with several prompts fails after two steps: the long one beside
+    it is cancelled before the error is answered, and no generation is left running."""
+    long = {"max_tokens": 240, "ignore_eos": True}
+    prompts = ["FAIL_MID", "once upon a time"]
+    cases = [
+        ("/openai/v1/completions", {"model": "faulty", "prompt": prompts, **long}),
+        ("/v1/models/faulty:predict", {"instances": prompts, "parameters": long}),
+        ("/v2/models/faulty/infer", {"inputs": [{"name": "input-0", "shape": [2], "datatype": "BYTES", "data": prompts}],
+                                     "parameters": long}),
+    ]
+    for path, body in cases:
+        rid = f"siblings-{uuid.uuid4().hex[:8]}"
+        resp = httpx.post(f"{faulty_server.url}{path}", json=body, headers={"x-request-id": rid}, timeout=120)
+        assert_error(resp, "internal_error", param=None)
+        ended = ended_generations(faulty_server, rid, 2)
+        assert sorted(how for how, _, _ in ended) == ["cancelled", "failed"], (path, ended)
+        (cancelled_steps,) = [steps for how, steps, _ in ended if how == "cancelled"]
+        assert cancelled_steps < 60, f"{path}: the sibling ran {cancelled_steps} of 240 steps"
+        assert ended[-1][2] == 0, f"{path}: generations still running: {ended}"
 
 
 def test_error_metrics_count_internal_errors(faulty):

@@ -7,7 +7,6 @@ shapes follow KServe's huggingfaceserver where it defines them (see README).
 
 from __future__ import annotations
 
-import asyncio
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -155,6 +154,6 @@ async def _generate(
         )
         for ids in prompts
     ]
-    results = await asyncio.gather(*(service.generate_full(ids, p, request_id) for ids, p in zip(prompts, params)))
+    results = await service.generate_all(prompts, params, request_id)
     outputs = [r.choices[0].text for r in results]
     return Prediction(outputs, Tensor(OUTPUT_NAME, "BYTES", [len(outputs)], outputs))

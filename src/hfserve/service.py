@@ -13,9 +13,9 @@ import enum
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from . import chat, errors
 from .backends.base import Backend
@@ -24,6 +24,8 @@ from .sampling import SamplingOptions, build_params
 from .tasks import Task
 
 logger = logging.getLogger("hfserve.service")
+
+T = TypeVar("T")
 
 
 class State(str, enum.Enum):
@@ -227,6 +229,15 @@ class ModelService:
                 choices[delta.index].add(delta)
         return result
 
+    async def generate_all(
+        self, prompts: Sequence[list[int]], params: Sequence[SamplingParams], request_id: str
+    ) -> list[Generation]:
+        """One full generation per prompt (``params[i]`` for ``prompts[i]``), run side by side.
+
+        They stand or fall together (see :func:`run_all`): when one fails, or the request is
+        cancelled (its deadline passed, its client went away), the others stop at once."""
+        return await run_all([self.generate_full(ids, p, request_id) for ids, p in zip(prompts, params, strict=True)])
+
     # --------------------------------------------------------- encoder tasks
     async def embed(self, inputs: list[list[int]]) -> list[list[float]]:
         with self.backend.map_exceptions():
@@ -257,6 +268,35 @@ class ModelService:
 
     def label(self, class_id: int) -> str:
         return self.backend.labels.get(class_id, str(class_id))
+
+
+async def run_all(work: Sequence[Awaitable[T]]) -> list[T]:
+    """Await ``work`` concurrently, as a task group does; the results in order.
+
+    The first failure cancels the rest, and so does cancelling the caller; the rest are
+    awaited before the failure (or the cancellation) goes on, so no work outlives the
+    request that asked for it. (``asyncio.gather`` leaves the others running when one
+    fails; ``asyncio.TaskGroup`` needs Python 3.11.)
+    """
+    if len(work) == 1:
+        return [await work[0]]
+    tasks = [asyncio.ensure_future(w) for w in work]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in tasks:
+            failure = task.exception() if task.done() and not task.cancelled() else None
+            if failure is not None:
+                raise failure
+        return [task.result() for task in tasks]
+    finally:
+        await cancel_all(tasks)
+
+
+async def cancel_all(tasks: Sequence[asyncio.Future[Any]]) -> None:
+    """Cancel the tasks that are still running and wait until every one has ended."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def merge(streams: list[AsyncIterator[Any]]) -> AsyncIterator[tuple[int, Any]]:
@@ -294,9 +334,7 @@ async def merge(streams: list[AsyncIterator[Any]]) -> AsyncIterator[tuple[int, A
                 continue
             yield i, item
     finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await cancel_all(tasks)
         for s in streams:
             aclose = getattr(s, "aclose", None)
             if aclose is not None:

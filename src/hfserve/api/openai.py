@@ -7,7 +7,6 @@ SDK reads them unchanged. Errors are rendered as the OpenAI error object.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import math
@@ -31,10 +30,10 @@ from openai.types.completion_choice import Logprobs
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import errors
-from ..generation import SequenceDelta, TokenLogprob
 from ..chat import ChatMessage
+from ..generation import SequenceDelta, TokenLogprob
 from ..sampling import SamplingOptions
-from ..service import Generation, ModelService, merge
+from ..service import ModelService, merge
 from ..tasks import Task
 from .routing import ContractRoute, JSONResponse, json_schema_body, read_json, request_id, sse, sse_response, until_disconnect
 
@@ -229,12 +228,7 @@ async def create_completion(request: Request) -> Response:
     if body.stream:
         return await _stream_completion(request, service, body, prompts, params, cid, created)
 
-    async def run() -> list[Generation]:
-        return list(
-            await asyncio.gather(*(service.generate_full(ids, p, rid) for (ids, _), p in zip(prompts, params)))
-        )
-
-    results = await until_disconnect(request, run())
+    results = await until_disconnect(request, service.generate_all([ids for ids, _ in prompts], params, rid))
     choices = []
     prompt_total = completion_total = 0
     for p_index, ((ids, text), gen) in enumerate(zip(prompts, results)):
