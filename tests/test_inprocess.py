@@ -125,3 +125,18 @@ async def test_a_failing_stream_stops_its_siblings(fake):
     assert_all_stopped(srv, "a long one")
     (failed,) = [e for e in srv.backend.ended if e.prompt == FAIL_MID]
     assert (failed.how, failed.steps) == ("failed", FAIL_MID_STEP)
+
+
+# ------------------------------------------------------------------ stream options
+CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
+COMPLETION = {"model": "fake", "prompt": "hi"}
+
+
+@pytest.mark.parametrize("path,body", [("/openai/v1/completions", COMPLETION), ("/openai/v1/chat/completions", CHAT)])
+async def test_continuous_usage_stats_needs_include_usage(fake, path, body):
+    """vLLM ignores continuous_usage_stats without include_usage; here nothing is silently ignored."""
+    srv = await fake()
+    options = {"continuous_usage_stats": True}
+    resp = await srv.post(path, {**body, "stream": True, "stream_options": options})
+    msg = assert_error(resp, "invalid_request", param="stream_options.continuous_usage_stats")
+    assert "include_usage" in msg

@@ -157,6 +157,60 @@ def test_streaming_completion_matches_non_streaming(client):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == r.choices[0].finish_reason
 
 
+CONTINUOUS_USAGE = {"include_usage": True, "continuous_usage_stats": True}
+
+
+def test_continuous_usage_stats_on_every_completion_chunk(client, hf_llama):
+    """As vLLM: every chunk carries usage, with its prompt's tokens and its choice's tokens so far
+    (counted here from the chunks' log-probabilities); the final chunk has the totals."""
+    tok, _ = hf_llama
+    prompts = ["hello", "Once upon a time"]
+    lengths = [len(tok(p)["input_ids"]) for p in prompts]
+    s = client.completions.create(
+        model="llama", prompt=prompts, n=2, max_tokens=5, temperature=0, logprobs=0, stream=True,
+        stream_options=CONTINUOUS_USAGE, extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    *content, final = list(s)
+    so_far = {index: 0 for index in range(4)}
+    for chunk in content:
+        (choice,) = chunk.choices
+        so_far[choice.index] += len(choice.logprobs.tokens)
+        prompt_tokens = lengths[choice.index // 2]
+        assert (chunk.usage.prompt_tokens, chunk.usage.completion_tokens, chunk.usage.total_tokens) == (
+            prompt_tokens, so_far[choice.index], prompt_tokens + so_far[choice.index]
+        )
+    assert so_far == {0: 5, 1: 5, 2: 5, 3: 5}
+    assert final.choices == []
+    assert (final.usage.prompt_tokens, final.usage.completion_tokens) == (sum(lengths), 20)
+
+
+def test_continuous_usage_stats_on_every_chat_chunk(client):
+    """Chat with n = 2: a chunk per choice, each with that choice's tokens so far."""
+    s = client.chat.completions.create(
+        model="llama", messages=[{"role": "user", "content": "hello"}], n=2, max_tokens=6, temperature=0,
+        logprobs=True, stream=True, stream_options=CONTINUOUS_USAGE, extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    *content, final = list(s)
+    prompt_tokens = final.usage.prompt_tokens
+    so_far = {0: 0, 1: 0}
+    for chunk in content:
+        (choice,) = chunk.choices
+        so_far[choice.index] += len(choice.logprobs.content)
+        assert (chunk.usage.prompt_tokens, chunk.usage.completion_tokens) == (prompt_tokens, so_far[choice.index])
+    assert so_far == {0: 6, 1: 6}
+    assert final.choices == [] and final.usage.completion_tokens == 12
+
+
+def test_usage_only_on_the_final_chunk_without_continuous_usage_stats(client):
+    s = client.chat.completions.create(
+        model="llama", messages=[{"role": "user", "content": "hello"}], max_tokens=4, stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    *content, final = list(s)
+    assert content and all(chunk.usage is None for chunk in content)
+    assert final.usage is not None and final.usage.completion_tokens > 0
+
+
 def test_stream_ends_with_done(llama):
     with httpx.stream(
         "POST",

@@ -144,8 +144,24 @@ def _prompts(service: ModelService, prompt: str | list[str] | list[int] | list[l
 
 
 def _check_stream_options(body: CompletionRequest | ChatCompletionRequest) -> None:
-    if body.stream_options is not None and not body.stream:
+    options = body.stream_options
+    if options is not None and not body.stream:
         raise errors.InvalidRequest("stream_options is only allowed when stream is true", param="stream_options")
+    if options is not None and options.continuous_usage_stats and not options.include_usage:
+        raise errors.InvalidRequest(
+            "stream_options.continuous_usage_stats puts usage on every chunk in addition to the final usage "
+            "chunk, so it needs stream_options.include_usage to be true; set include_usage or remove "
+            "continuous_usage_stats",
+            param="stream_options.continuous_usage_stats",
+        )
+
+
+def _usage_wanted(body: CompletionRequest | ChatCompletionRequest) -> tuple[bool, bool]:
+    """(a final usage chunk, usage on every chunk), as vLLM reads ``stream_options``."""
+    options = body.stream_options
+    if options is None:
+        return False, False
+    return options.include_usage, options.include_usage and options.continuous_usage_stats
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> CompletionUsage:
@@ -273,18 +289,18 @@ async def _stream_completion(
 ) -> Response:
     rid = request_id(request)
     n = body.n
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    include_usage, continuous_usage = _usage_wanted(body)
     streams = [service.generate(ids, p, rid) for (ids, _), p in zip(prompts, params)]
 
     async def events() -> AsyncIterator[str]:
         builders: dict[int, _CompletionLogprobs] = {}
         started: set[int] = set()
-        completion_tokens = 0
+        generated = [0] * (len(prompts) * n)  # tokens so far, per choice
         async for p_index, deltas in merge(streams):
             ids, text = prompts[p_index]
             for d in deltas:
                 index = p_index * n + d.index
-                completion_tokens += len(d.token_ids)
+                generated[index] += len(d.token_ids)
                 out_text = d.text
                 entries: list[TokenLogprob | None] = []
                 if index not in started:
@@ -311,9 +327,12 @@ async def _stream_completion(
                             stop_reason=d.stop_reason,  # type: ignore[call-arg]
                         )
                     ],
+                    # vLLM's continuous usage: this prompt's tokens and this choice's tokens so far
+                    usage=_usage(len(ids), generated[index]) if continuous_usage else None,
                 )
                 yield sse(chunk.model_dump_json())
         prompt_tokens = sum(len(ids) for ids, _ in prompts)
+        completion_tokens = sum(generated)
         _count_tokens(request, prompt_tokens, completion_tokens)
         if include_usage:
             chunk = Completion(
@@ -428,7 +447,7 @@ async def _stream_chat(
     k: int,
 ) -> Response:
     rid = request_id(request)
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    include_usage, continuous_usage = _usage_wanted(body)
     stream = service.generate(prompt_ids, params, rid)
 
     def chunk(choices: list[ChunkChoice], usage: CompletionUsage | None = None) -> str:
@@ -447,14 +466,20 @@ async def _stream_chat(
 
     async def events() -> AsyncIterator[str]:
         started: set[int] = set()
-        completion_tokens = 0
+        generated = [0] * body.n  # tokens so far, per choice
         async for deltas in stream:
             out = []
             for d in deltas:
-                completion_tokens += len(d.token_ids)
-                out.append(delta_choice(d, d.index not in started))
+                generated[d.index] += len(d.token_ids)
+                choice = delta_choice(d, d.index not in started)
                 started.add(d.index)
-            yield chunk(out)
+                if continuous_usage:  # vLLM's layout: a chunk per choice, with that choice's usage so far
+                    yield chunk([choice], _usage(len(prompt_ids), generated[d.index]))
+                else:
+                    out.append(choice)
+            if out:
+                yield chunk(out)
+        completion_tokens = sum(generated)
         _count_tokens(request, len(prompt_ids), completion_tokens)
         if include_usage:
             yield chunk([], _usage(len(prompt_ids), completion_tokens))
