@@ -21,10 +21,10 @@ import pytest
 import torch
 
 from hfserve import errors
-from hfserve.generation import SamplingParams
 from hfserve.backends.batching import BatchWindow, MicroBatcher
 from hfserve.backends.huggingface import HuggingFaceBackend
 from hfserve.config import BatchingConfig, ModelConfig
+from hfserve.generation import SamplingParams
 
 SENTENCES = [f"sentence number {i} is " + "quite " * (i % 7) + "short" for i in range(24)]
 PROMPTS = ["The cat sat on", "Once upon a time", "hello", "a much longer prompt with many words in it, to pad the others"]
@@ -34,11 +34,18 @@ def run(coro):
     return asyncio.run(coro)
 
 
-async def collect(backend, prompt_ids, params, request_id="r"):
-    """All deltas of one request: (token ids per sequence, text per sequence)."""
+async def collect(backend, prompt_ids, params, request_id="r", **scheduler_options):
+    """All deltas of one request: (token ids per sequence, text per sequence).
+
+    With ``scheduler_options`` (logits ``processors``, an ``adapter`` key) the request goes to
+    the backend's scheduler directly, whose errors are not translated."""
     ids = {i: [] for i in range(params.n)}
     text = {i: "" for i in range(params.n)}
-    async for deltas in backend.generate(prompt_ids, params, request_id):
+    if scheduler_options:
+        stream = backend.scheduler.generate(prompt_ids, params, request_id, **scheduler_options)
+    else:
+        stream = backend.generate(prompt_ids, params, request_id)
+    async for deltas in stream:
         for d in deltas:
             ids[d.index] += d.token_ids
             text[d.index] += d.text
@@ -138,6 +145,7 @@ def test_concurrent_greedy_equals_sequential_and_generate(llama_backend):
     prompts = [b.tokenizer(p)["input_ids"] for p in PROMPTS]
     sequential = [run(collect(b, p, greedy()))[0][0] for p in prompts]
     steps, prefills = b.stats["decode_steps"], b.stats["prefills"]
+    b.stats["max_rows"] = 0
 
     async def concurrent():
         return await asyncio.gather(*(collect(b, p, greedy()) for p in prompts))
@@ -148,7 +156,8 @@ def test_concurrent_greedy_equals_sequential_and_generate(llama_backend):
     # and their prompts (of different lengths) went through one left-padded prefill
     assert b.stats["decode_steps"] - steps < 2 * 15
     assert b.stats["prefills"] - prefills == 1
-    assert b.stats["max_rows"] >= 2
+    assert b.stats["max_rows"] == len(prompts)
+    assert [len(got) for got in sequential] == [16] * len(prompts)
     for p, got in zip(prompts, sequential):
         with torch.inference_mode():
             ref = b.model.generate(torch.tensor([p]), max_new_tokens=16, do_sample=False, pad_token_id=b.tokenizer.pad_token_id)
@@ -162,16 +171,18 @@ def test_requests_join_a_running_batch(llama_backend):
     alone = run(collect(b, p_late, greedy(8)))[0][0]
 
     async def staggered():
-        first = asyncio.ensure_future(collect(b, p_long, greedy(120)))
-        await asyncio.sleep(0.3)
+        first = b.generate(p_long, greedy(200), "first")
+        await first.__anext__()  # it is decoding now
         steps = b.stats["decode_steps"]
         late = await collect(b, p_late, greedy(8))
         shared = b.stats["decode_steps"] - steps
-        await first
-        return late, shared
+        overlapped = "first" in b.scheduler.running()
+        await first.aclose()
+        return late, shared, overlapped
 
-    late, shared = run(staggered())
+    late, shared, overlapped = run(staggered())
     assert late[0][0] == alone
+    assert overlapped, "the first request was no longer running when the late one finished"
     assert shared < 12, "the late request ran its own decode steps instead of joining the batch"
 
 
@@ -214,18 +225,22 @@ def test_a_bad_generation_request_fails_alone(llama_backend):
     assert [out[0][0][0], out[2][0][0], out[3][0][0]] == alone
 
 
-class PoisonBackend(HuggingFaceBackend):
-    """A batched decode step fails whenever the request "poison" is in it, after two steps."""
+def poison(scheduler):
+    """Make a decode step fail whenever the request "poison" is in it, after two steps."""
+    forward_step = scheduler._forward_step
 
-    def _forward_step(self, cohort, feed):
+    def poisoned(cohort, feed):
         if any(row.job.request_id == "poison" and row.job.step >= 2 for row in cohort.rows):
             raise RuntimeError("injected decode failure")
-        return super()._forward_step(cohort, feed)
+        return forward_step(cohort, feed)
+
+    scheduler._forward_step = poisoned
 
 
 def test_a_failing_decode_step_fails_only_its_request(models):
-    b = PoisonBackend(str(models["llama"]), max_batch_wait_ms=50)
+    b = HuggingFaceBackend(ModelConfig.local(models["llama"]), BatchingConfig(max_batch_wait_ms=50))
     run(b.start())
+    poison(b.scheduler)
     try:
         prompts = [b.tokenizer(p)["input_ids"] for p in PROMPTS[:3]]
         alone = [run(collect(b, p, greedy(12)))[0][0] for p in prompts]
@@ -258,19 +273,17 @@ def test_cancelled_stream_frees_its_row(llama_backend):
             got += 1
             if got == 3:
                 break
+        running = "cancel-me" in b.scheduler.running()
         await stream.aclose()
         # the row is gone from the running batch at the next step
         deadline = time.monotonic() + 2
-        while time.monotonic() < deadline:
-            rows = [r.job.request_id for c in list(b._cohorts) for r in c.rows]
-            if "cancel-me" not in rows:
-                break
+        while time.monotonic() < deadline and "cancel-me" in b.scheduler.running():
             await asyncio.sleep(0.01)
-        freed = "cancel-me" not in [r.job.request_id for c in list(b._cohorts) for r in c.rows]
-        return freed, [(await o)[0][0] for o in others]
+        freed = "cancel-me" not in b.scheduler.running()
+        return running, freed, [(await o)[0][0] for o in others]
 
-    freed, results = run(scenario())
-    assert freed
+    running, freed, results = run(scenario())
+    assert running and freed
     assert results == alone
 
 
@@ -293,7 +306,65 @@ def test_n_rows_and_logprobs_in_a_batch(llama_backend):
     batched = run(together())
     assert len(batched[0][0].prompt_logprobs) == len(prompts[0])
     flat = lambda steps: [(d.index, d.token_ids, [(x.token_id, round(x.logprob, 4)) for x in d.logprobs]) for s in steps for d in s]  # noqa: E731
+    assert sum(len(token_ids) for _, token_ids, _ in flat(alone)) == 2 * 6  # n=2, 6 tokens each
+    assert all(len(entries) == len(token_ids) for _, token_ids, entries in flat(alone))
     assert flat(batched) == flat(alone)
+
+
+def test_a_logits_processor_runs_on_its_request_rows_only(llama_backend):
+    """A request's logits processors see each row's generated tokens and its logits before
+    sampling; a greedy request with one leaves the shared argmax, its batch-mate keeps it."""
+    b = llama_backend
+    prompt, other = (b.tokenizer(p)["input_ids"] for p in PROMPTS[:2])
+    plain = run(collect(b, prompt, greedy(4)))[0][0]
+    other_alone = run(collect(b, other, greedy(4)))[0][0]
+    with torch.inference_mode():
+        runner_up = int(torch.topk(b.model(torch.tensor([prompt])).logits[0, -1], 2).indices[1])
+    histories = []
+
+    def ban_the_first_choice(history, logits):
+        histories.append(list(history))
+        return logits.index_fill(0, torch.tensor([plain[0]]), float("-inf")) if not history else logits
+
+    async def together():
+        return await asyncio.gather(
+            collect(b, prompt, greedy(4), processors=[ban_the_first_choice]), collect(b, other, greedy(4))
+        )
+
+    banned, other_batched = (r[0][0] for r in run(together()))
+    assert banned[0] == runner_up != plain[0]
+    assert histories == [banned[:i] for i in range(4)]
+    assert other_batched == other_alone
+
+
+def test_rows_with_different_adapters_share_forward_passes(llama_backend):
+    """Every forward pass gets each row's adapter key (the seam for per-row LoRA weights);
+    no adapter is implemented yet, so a request naming one fails alone."""
+    b = llama_backend
+    prompts = [b.tokenizer(p)["input_ids"] for p in PROMPTS[:2]]
+    alone = [run(collect(b, p, greedy(6)))[0][0] for p in prompts]
+    run_model = b.scheduler._run_model
+    calls = []
+
+    def base_weights_for_every_adapter(adapters, **inputs):
+        calls.append(list(adapters))
+        return run_model([None] * len(adapters), **inputs)
+
+    async def base_and_adapter():
+        return await asyncio.gather(
+            collect(b, prompts[0], greedy(6)), collect(b, prompts[1], greedy(6), adapter="a"), return_exceptions=True
+        )
+
+    b.scheduler._run_model = base_weights_for_every_adapter
+    try:
+        shared = run(base_and_adapter())
+    finally:
+        del b.scheduler._run_model
+    assert [r[0][0] for r in shared] == alone
+    assert calls.count([None, "a"]) == 6  # the shared prefill and 5 decode steps, both rows in each
+    refused = run(base_and_adapter())
+    assert refused[0][0][0] == alone[0]
+    assert isinstance(refused[1], NotImplementedError)
 
 
 def test_t5_concurrent_greedy_equals_sequential(t5_backend):
@@ -310,7 +381,7 @@ def test_t5_concurrent_greedy_equals_sequential(t5_backend):
     for p, got in zip(prompts, sequential):
         with torch.inference_mode():
             ref = b.model.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False)[0, 1:].tolist()
-        assert got == ref[: len(got)]
+        assert len(got) == 10 and got == ref
 
 
 def test_concurrent_completions_over_http_equal_sequential(llama):

@@ -1,11 +1,22 @@
-"""The event loop's tokenizer shortcut (hfserve.backends.tokenizing) gives exactly transformers' ids."""
+"""The tokenizer shortcuts (hfserve.backends.tokenizing) give exactly transformers' ids and text, and the
+incremental detokenization of generated sequences (TextStream) gives exactly tokenizer.decode's text."""
 
 from __future__ import annotations
+
+import random
 
 import pytest
 import transformers
 
-from hfserve.backends.tokenizing import fast_decoder, fast_encoder, slow_encoder
+from hfserve.backends.textstream import TextStream
+from hfserve.backends.tokenizing import (
+    FullDetokenizer,
+    StreamDetokenizer,
+    detokenizer_factory,
+    fast_decoder,
+    fast_encoder,
+    slow_encoder,
+)
 
 TEXTS = [
     "The cat sat on the mat.",
@@ -58,3 +69,88 @@ def test_fast_decoder_equals_the_transformers_call(models, name):
         ids = tok(text)["input_ids"]
         for end in range(len(ids) + 1):
             assert decode(ids[:end]) == tok.decode(ids[:end], skip_special_tokens=True), (name, text[:40], end)
+
+
+# ------------------------------------------------------------ incremental decoding
+FIXTURE_TOKENIZERS = ["minilm", "llama", "t5", "bert_cls", "bert_mlm"]
+
+
+def generated_like(tok, count=300, seed=0):
+    """Token ids as a random model generates them: any id, special ones included, multi-byte
+    characters split anywhere (byte-level tokenizers)."""
+    rng = random.Random(seed)
+    return [rng.randrange(len(tok)) for _ in range(count)]
+
+
+def sequences(tok):
+    specials = " ".join(tok.all_special_tokens)
+    texts = [*TEXTS[:4], f"{specials} in the middle {specials}"]
+    return [tok(text)["input_ids"] for text in texts] + [generated_like(tok)]
+
+
+def detokenizers(tok):
+    """The detokenizer the tokenizer gets, and the full-decode fallback."""
+    return {"chosen": detokenizer_factory(tok), "full": lambda: FullDetokenizer(fast_decoder(tok))}
+
+
+@pytest.mark.parametrize("name", FIXTURE_TOKENIZERS)
+def test_every_fixture_tokenizer_decodes_incrementally(models, name):
+    """A plain fast tokenizer with a window-local Rust decoder gets DecodeStream; tokenization-space
+    clean-up (transformers' pass over the whole text) or a decode override keeps the full decode."""
+    tok = transformers.AutoTokenizer.from_pretrained(models[name])
+    assert type(detokenizer_factory(tok)()) is StreamDetokenizer
+    tok.clean_up_tokenization_spaces = True
+    assert type(detokenizer_factory(tok)()) is FullDetokenizer
+
+    base = transformers.AutoTokenizer.from_pretrained(models[name])
+
+    class Custom(type(base)):
+        def decode(self, *args, **kwargs):
+            return super().decode(*args, **kwargs)
+
+    base.__class__ = Custom
+    assert type(detokenizer_factory(base)()) is FullDetokenizer
+
+
+@pytest.mark.parametrize("name", FIXTURE_TOKENIZERS)
+def test_every_prefix_streams_as_tokenizer_decode(models, name):
+    """Token by token, the settled text and then what finish() adds is tokenizer.decode of the prefix."""
+    tok = transformers.AutoTokenizer.from_pretrained(models[name])
+    for kind, make in detokenizers(tok).items():
+        for ids in sequences(tok):
+            detok, text = make(), ""
+            for end in range(1, len(ids) + 1):
+                text += detok.step(ids[end - 1])
+                full = tok.decode(ids[:end], skip_special_tokens=True)
+                assert text + detok.finish() == full, (name, kind, end)
+            assert text, (name, kind, ids[:8])
+
+
+def stream_text(make, ids, stop):
+    """Push ``ids`` through a TextStream; (the deltas, stopped_by), flushing at the end unless stopped."""
+    stream = TextStream(make(), stop)
+    deltas = []
+    for tid in ids:
+        deltas.append(stream.push(tid))
+        if stream.stopped_by is not None:
+            return deltas, stream.stopped_by
+    deltas.append(stream.flush())
+    return deltas, None
+
+
+@pytest.mark.parametrize("name", FIXTURE_TOKENIZERS)
+def test_text_stream_cuts_before_stop_strings_and_never_sends_them(models, name):
+    tok = transformers.AutoTokenizer.from_pretrained(models[name])
+    for kind, make in detokenizers(tok).items():
+        for ids in sequences(tok):
+            full = tok.decode(ids, skip_special_tokens=True)
+            deltas, stopped = stream_text(make, ids, [])
+            assert ("".join(deltas), stopped) == (full, None), (name, kind)
+            middle = full.strip()[len(full.strip()) // 2 :][:3]
+            assert len(middle) == 3, (name, full)
+            stops = [middle, "never-in-the-text-at-all"]
+            deltas, stopped = stream_text(make, ids, stops)
+            sent = "".join(deltas)
+            assert stopped == middle and sent == full[: full.index(middle)], (name, kind, middle)
+            for end in range(1, len(deltas) + 1):  # what was sent at each step never changes afterwards
+                assert full.startswith("".join(deltas[:end]))

@@ -13,11 +13,14 @@ import abc
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import errors
 from ..generation import Capabilities, SamplingParams, SequenceDelta
 from ..tasks import Task
+
+if TYPE_CHECKING:
+    from .tokenizing import Detokenizer
 
 
 #: ``--dtype`` spellings -> the dtype they name
@@ -111,6 +114,14 @@ class Backend(abc.ABC):
         from .tokenizing import fast_decoder
 
         return self._tokenizer_shortcut("_decoder", fast_decoder)(token_ids)
+
+    def detokenizer_factory(self) -> Callable[[], Detokenizer]:
+        """Makes one incremental decoder per generated sequence: its texts add up to exactly
+        :meth:`decode_text` of the sequence's tokens, O(1) per token where the tokenizer
+        allows it (chosen once per tokenizer, see :func:`.tokenizing.detokenizer_factory`)."""
+        from .tokenizing import detokenizer_factory
+
+        return self._tokenizer_shortcut("_detokenizers", detokenizer_factory)
 
     def _tokenizer_shortcut(self, key: str, build: Callable[[Any], Any]) -> Any:
         """``build(self.tokenizer)``, built at first use (the tokenizer is loaded by ``start``) and kept."""

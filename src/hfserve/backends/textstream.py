@@ -1,57 +1,69 @@
-"""Incremental detokenization with stop strings, for backends that decode themselves."""
+"""Incremental detokenization with stop strings, for backends that decode themselves.
+
+The generation scheduler gives each sequence a :class:`TextStream` and pushes every
+generated token into it (not the end-of-sequence or stop token that ends it); what
+``push`` returns is the sequence's next text delta. The stream's
+:class:`~hfserve.backends.tokenizing.Detokenizer` turns tokens into settled text, O(1)
+per token where the tokenizer allows it (see :func:`~.tokenizing.detokenizer_factory`);
+the stream holds back the settled text that could still be the start of a stop string,
+and at the end of the sequence (:meth:`TextStream.flush`) adds the text that was never
+settled (an unfinished multi-byte character, as U+FFFD). The deltas of a sequence add
+up to exactly ``tokenizer.decode(ids, skip_special_tokens=True)`` of its tokens, cut
+before the first stop string.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from .tokenizing import Detokenizer
 
 
 class TextStream:
-    """Turns a growing list of generated token ids into text deltas.
+    """Turns a sequence's generated token ids into text deltas.
 
-    It holds back text that could still turn into a stop string (or an
-    unfinished multi-byte character) so a stop string never reaches the client,
-    and reports the stop string that ended the sequence.
+    It holds back text that could still turn into a stop string (and, through its
+    detokenizer, an unfinished multi-byte character) so a stop string never reaches the
+    client, and reports the stop string that ended the sequence (``stopped_by``).
+    Each push costs the detokenizer's step plus O(longest stop string), not O(sequence).
     """
 
-    def __init__(self, decode: Callable[[list[int]], str], stop: list[str], *, final_flush: bool = True):
-        self.decode = decode  # token ids -> text, special tokens skipped
+    def __init__(self, detokenizer: Detokenizer, stop: list[str]):
+        self.detokenizer = detokenizer
         self.stop = [s for s in stop if s]
         self.holdback = max((len(s) for s in self.stop), default=1) - 1
-        self.token_ids: list[int] = []
-        self.text = ""  # all text decoded so far (stop string cut off once found)
-        self.sent = 0  # characters already handed out
+        self.unsent = ""  # settled text not handed out yet (shorter than the longest stop string)
         self.stopped_by: str | None = None
 
-    def _decode(self) -> str:
-        return self.decode(self.token_ids)
-
-    def push(self, token_id: int, *, emit_token: bool = True) -> str:
-        """Add one token; return the text that is now safe to send."""
-        if emit_token:
-            self.token_ids.append(token_id)
-        full = self._decode()
-        if self.stop:
-            # search only where a new stop string could have appeared
-            start = max(0, len(self.text) - self.holdback - 1)
-            hits = [(full.find(s, start), s) for s in self.stop]
-            hits = [(i, s) for i, s in hits if i >= 0]
-            if hits:
-                i, s = min(hits)
-                self.text = full[:i]
-                self.stopped_by = s
-                return self.flush()
-        self.text = full
-        safe = len(full) - self.holdback if self.stop else len(full)
-        if full.endswith("\ufffd"):  # an unfinished multi-byte character
-            safe = min(safe, len(full) - 1)
-        if safe <= self.sent:
-            return ""
-        delta = full[self.sent : safe]
-        self.sent = safe
-        return delta
+    def push(self, token_id: int) -> str:
+        """Add one generated token; return the text that is now safe to send."""
+        self.unsent += self.detokenizer.step(token_id)
+        if self._cut_at_stop():
+            return self._take(len(self.unsent))
+        return self._take(len(self.unsent) - self.holdback)
 
     def flush(self) -> str:
-        """At the end of the sequence: everything not yet sent."""
-        delta = self.text[self.sent :]
-        self.sent = len(self.text)
+        """At the end of the sequence (once): everything not yet sent."""
+        if self.stopped_by is None:
+            self.unsent += self.detokenizer.finish()
+            self._cut_at_stop()
+        return self._take(len(self.unsent))
+
+    def _cut_at_stop(self) -> bool:
+        """Cut the unsent text before the earliest stop string in it, if any.
+
+        Only the unsent text is searched: a stop string that ends in the newest text
+        starts at most ``holdback`` characters before it, and those were held back.
+        """
+        hits = [(self.unsent.find(s), s) for s in self.stop]
+        hits = [(i, s) for i, s in hits if i >= 0]
+        if not hits:
+            return False
+        i, s = min(hits)
+        self.unsent = self.unsent[:i]
+        self.stopped_by = s
+        return True
+
+    def _take(self, count: int) -> str:
+        if count <= 0:
+            return ""
+        delta, self.unsent = self.unsent[:count], self.unsent[count:]
         return delta
