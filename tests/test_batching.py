@@ -131,6 +131,16 @@ def test_a_bad_encoder_request_fails_alone(minilm_backend):
     assert b.batcher.stats.fallbacks == fallbacks + 1
 
 
+def test_an_encoder_model_gets_no_generation_scheduler(minilm_backend):
+    async def attempt():
+        async for _ in minilm_backend.generate([101, 102], greedy(2), "r"):
+            pass
+
+    assert minilm_backend.scheduler is None
+    with pytest.raises(errors.UnsupportedTask):
+        run(attempt())
+
+
 def test_concurrent_embeddings_over_http(minilm):
     client = openai.OpenAI(base_url=minilm.openai_url, api_key="x", max_retries=0)
     one = [client.embeddings.create(model="minilm", input=s).data[0].embedding for s in SENTENCES[:8]]

@@ -107,7 +107,7 @@ class HuggingFaceBackend(Backend):
         self.window = BatchWindow.from_ms(max_batch_wait_ms, batch_idle_ms)
         #: counters for tests and benchmarks: encoder forward passes, generation prefills and decode steps
         self.stats: dict[str, int] = {"encoder_forwards": 0, "prefills": 0, "decode_steps": 0, "max_rows": 0}
-        # the parts, built once the model is loaded
+        # the parts, built once the model is loaded (the scheduler for generative models only)
         self.encoders: EncoderTasks | None = None
         self.scheduler: GenerationScheduler | None = None
         # encoder tasks: merged forward passes
@@ -156,13 +156,6 @@ class HuggingFaceBackend(Backend):
                 self.max_model_len = st_limit  # what the model was trained to embed (and what vLLM serves)
         self.labels = {int(k): str(v) for k, v in (getattr(self.config, "id2label", None) or {}).items()}
 
-        eos: set[int] = set()
-        gen_cfg = getattr(self.model, "generation_config", None)
-        for value in (getattr(gen_cfg, "eos_token_id", None), getattr(self.tokenizer, "eos_token_id", None)):
-            if isinstance(value, int):
-                eos.add(value)
-            elif isinstance(value, (list, tuple)):
-                eos.update(int(v) for v in value)
         pooling = ("mean", True)
         if self.task is Task.text_embedding:
             pooling = sentence_transformers_pooling(local_dir) or pooling
@@ -175,17 +168,18 @@ class HuggingFaceBackend(Backend):
             pooling=pooling,
             stats=self.stats,
         )
-        self.scheduler = GenerationScheduler(
-            self.model,
-            device=self.device,
-            eos_token_ids=eos,
-            pad_token_id=pad_token_id,
-            detokenizer=self.detokenizer_factory(),
-            token_text=self.token_text,
-            max_batch_size=self.max_batch_size,
-            window=self.window,
-            stats=self.stats,
-        )
+        if self.task.is_generative:
+            self.scheduler = GenerationScheduler(
+                self.model,
+                device=self.device,
+                eos_token_ids=self._model_eos_ids(),
+                pad_token_id=pad_token_id,
+                detokenizer=self.detokenizer_factory(),  # chosen now, on a worker thread, not on the decode thread
+                token_text=self.token_text,
+                max_batch_size=self.max_batch_size,
+                window=self.window,
+                stats=self.stats,
+            )
         logger.info(
             "loaded %s (%s) for %s on %s as %s, max_model_len %d",
             self.model_path,
@@ -195,6 +189,17 @@ class HuggingFaceBackend(Backend):
             dtype,
             self.max_model_len,
         )
+
+    def _model_eos_ids(self) -> set[int]:
+        """The generation config's and the tokenizer's end-of-sequence ids."""
+        eos: set[int] = set()
+        gen_cfg = getattr(self.model, "generation_config", None)
+        for value in (getattr(gen_cfg, "eos_token_id", None), getattr(self.tokenizer, "eos_token_id", None)):
+            if isinstance(value, int):
+                eos.add(value)
+            elif isinstance(value, (list, tuple)):
+                eos.update(int(v) for v in value)
+        return eos
 
     def _resolve_dtype(self, device: str) -> torch.dtype:
         config_dtype = getattr(self.config, "dtype", None) or getattr(self.config, "torch_dtype", None)
@@ -222,7 +227,9 @@ class HuggingFaceBackend(Backend):
 
     def _generation(self) -> GenerationScheduler:
         if self.scheduler is None:
-            raise errors.ModelNotReady("The model is not loaded", retry_after=5)
+            if self.task is None:
+                raise errors.ModelNotReady("The model is not loaded", retry_after=5)
+            raise errors.UnsupportedTask(f"This is a {self.task.label} model; it does not generate text")
         return self.scheduler
 
     # ------------------------------------------------------------ boundary
