@@ -12,6 +12,8 @@ import transformers
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
+from tests.contract import assert_error
+
 SENTENCES = ["the movie was wonderful", "a cat sat on the mat and slept"]
 
 
@@ -86,6 +88,7 @@ def test_sequence_classification_probabilities(server_factory, hf_cls):
     server = server_factory("bert_cls", "--return_probabilities", name="bert_probs")
     r = httpx.post(f"{server.url}/v1/models/bert_probs:predict", json={"instances": SENTENCES}, timeout=60).json()
     want = torch.softmax(hf_cls, -1)
+    assert len(r["predictions"]) == len(want) == len(SENTENCES)
     for row, w in zip(r["predictions"], want):
         assert np.allclose([row[str(j)] for j in range(len(w))], w.numpy(), atol=1e-5)
     out = v2_infer(server, SENTENCES).json()["outputs"][0]
@@ -112,13 +115,15 @@ def test_fill_mask(bert_mlm, models):
     tok = transformers.AutoTokenizer.from_pretrained(models["bert_mlm"])
     model = transformers.AutoModelForMaskedLM.from_pretrained(models["bert_mlm"]).eval()
     texts = [f"the cat sat on the {tok.mask_token}", f"{tok.mask_token} movie was {tok.mask_token}"]
-    want = []
+    want, masks = [], []
     with torch.inference_mode():
         for t in texts:
             enc = tok(t, return_tensors="pt")
             logits = model(**enc).logits[0]
             pos = (enc["input_ids"][0] == tok.mask_token_id).nonzero().flatten().tolist()
+            masks.append(len(pos))
             want.append(" ".join(tok.decode([int(logits[p].argmax())]).strip() for p in pos))
+    assert masks == [1, 2]
     r = httpx.post(f"{bert_mlm.url}/v1/models/bert_mlm:predict", json={"instances": texts}, timeout=60).json()
     assert r == {"predictions": want}
     out = triton_infer(bert_mlm, texts)
@@ -132,6 +137,7 @@ def test_embeddings_v1_v2(minilm, models):
 
     want = SentenceTransformer(str(models["minilm"]), device="cpu").encode(SENTENCES)
     r = httpx.post(f"{minilm.url}/v1/models/minilm:predict", json={"instances": SENTENCES}, timeout=60).json()
+    assert np.array(r["predictions"]).shape == want.shape == (2, 384)
     assert np.allclose(np.array(r["predictions"]), want, atol=1e-4)
     out = triton_infer(minilm, SENTENCES)
     assert out.dtype == np.float32 and out.shape == (2, 384)
@@ -186,7 +192,8 @@ def test_t5_v1(t5):
         f"{t5.url}/v1/models/t5:predict", json={"instances": ["translate this"], "parameters": {"max_tokens": 4}}, timeout=60
     )
     assert r.status_code == 200
-    assert isinstance(r.json()["predictions"][0], str)
+    predictions = r.json()["predictions"]
+    assert len(predictions) == 1 and isinstance(predictions[0], str)
 
 
 def test_triton_errors_carry_message_and_status(bert_cls):
@@ -200,3 +207,21 @@ def test_triton_errors_carry_message_and_status(bert_cls):
     with pytest.raises(InferenceServerException) as exc:
         c.infer("missing", [inp])
     assert exc.value.status() == "404"
+
+
+# ------------------------------------------------------------ v1 verb routes
+@pytest.mark.parametrize("verb", ["predict", "explain"])
+def test_v1_verb_route_with_another_method_is_405(bert_cls, verb):
+    """GET on a verb route is the route's wrong method, not the status of a model named 'name:verb'."""
+    r = httpx.get(f"{bert_cls.url}/v1/models/bert_cls:{verb}", timeout=30)
+    msg = assert_error(r, "method_not_allowed", param=None)
+    assert msg == f"Method GET is not allowed on /v1/models/bert_cls:{verb}; use POST"
+    assert r.headers["allow"] == "POST"
+
+
+def test_v1_explain_says_the_server_has_no_explainer(bert_cls):
+    r = httpx.post(f"{bert_cls.url}/v1/models/bert_cls:explain", json={"instances": SENTENCES}, timeout=30)
+    msg = assert_error(r, "not_found", param=None)
+    assert msg == "Model bert_cls has no explainer: this server does not implement :explain; use :predict for its predictions"
+    unknown = httpx.post(f"{bert_cls.url}/v1/models/nope:explain", json={"instances": SENTENCES}, timeout=30)
+    assert assert_error(unknown, "model_not_found", param=None) == "Model with name nope does not exist."

@@ -1,11 +1,14 @@
-"""Limits, overload, deadlines, API keys and graceful shutdown (issue 6), on real servers."""
+"""Limits, overload, deadlines, API keys and graceful shutdown (issue 6), on real servers; which
+routes take an admission slot and need the API key, in this process."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import threading
 import time
+from unittest import mock
 
 import httpx
 import numpy as np
@@ -15,8 +18,10 @@ import tritonclient.grpc as tgrpc
 import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
-from tests.servers import start_server, stop_server
+from hfserve.app import create_app
+from hfserve.config import Config, LimitsConfig, ModelConfig
 from tests.contract import assert_error
+from tests.servers import start_server, stop_server
 
 # ~15k tokens: long enough to still be running after a second, even with batching
 LONG_GEN = {"prompt": ["hi"] * 8, "n": 8, "max_tokens": 240, "ignore_eos": True}
@@ -96,6 +101,55 @@ def test_queued_request_waits_for_a_slot(server_factory):
     assert [r.status_code for r in results] == [200] * 4
 
 
+def in_process_app(**limits) -> object:
+    """The app with these limits, over a service that is never asked to do model work."""
+    service = mock.MagicMock()
+    service.name = "m"
+    return create_app(service, Config(model=ModelConfig(source="m", name="m"), limits=LimitsConfig(**limits)))
+
+
+def test_only_model_work_takes_an_admission_slot():
+    """While the one slot is busy, what is not model work is answered as it would be: an unknown
+    route 404, POST /metrics and GET :predict 405, :explain its not_found; model routes are overloaded."""
+    app = in_process_app(max_concurrent_requests=1, max_queue_size=0)
+
+    async def run() -> None:
+        async with app.state.admission.slot(), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://test"
+        ) as client:
+            assert_error(await client.post("/v2/nothing", json={}), "not_found", param=None)
+            assert_error(await client.post("/metrics", json={}), "method_not_allowed", param=None)
+            assert_error(await client.get("/v1/models/m:predict"), "method_not_allowed", param=None)
+            assert_error(await client.post("/v1/models/m:explain", json={"instances": ["x"]}), "not_found", param=None)
+            assert (await client.get("/metrics")).status_code == 200
+            for path, body in [
+                ("/v1/models/m:predict", {"instances": ["x"]}),
+                ("/v2/models/m/infer", {"inputs": [{"name": "i", "shape": [1], "datatype": "BYTES", "data": ["x"]}]}),
+                ("/openai/v1/embeddings", {"model": "m", "input": "x"}),
+            ]:
+                assert_error(await client.post(path, json=body), "overloaded", param=None)
+        assert app.state.admission.active == 0
+
+    asyncio.run(run())
+
+
+def test_api_key_only_on_the_routes_that_need_it():
+    """Without the key: a route that does not exist is 404 and a route's wrong method 405 (no
+    route asked for a key); public routes answer; the others are invalid_api_key."""
+    app = in_process_app(api_key="s3cret-key")
+
+    async def run() -> None:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
+            assert_error(await client.post("/v2/nothing", json={}), "not_found", param=None)
+            assert_error(await client.get("/openai/v1/embeddings"), "method_not_allowed", param=None)
+            for path in ["/", "/metrics", "/v2/health/live", "/v1/models/m"]:
+                assert (await client.get(path)).status_code == 200, path
+            assert_error(await client.get("/v2/models"), "invalid_api_key", param=None)
+            assert_error(await client.post("/v1/models/m:explain", json={}), "invalid_api_key", param=None)
+
+    asyncio.run(run())
+
+
 # --------------------------------------------------------------------- timeout
 def test_timeout_on_every_family_and_work_is_cancelled(server_factory):
     server = server_factory("llama", "--backend", "huggingface", "--request_timeout_seconds", "0.1",
@@ -169,7 +223,9 @@ def test_api_key_protects_model_routes(keyed):
     assert ok.status_code == 200
     for path in ["/", "/metrics", "/v2/health/live", "/v2/health/ready", "/v2/models/keyed/ready", "/v1/models/keyed"]:
         assert httpx.get(f"{keyed.url}{path}", timeout=30).status_code == 200, path
-    assert "s3cret-key" not in keyed.log()
+    log = keyed.log()
+    assert '"POST /v1/models/keyed:predict" 401' in log  # the log holds these requests...
+    assert "s3cret-key" not in log  # ...and never the key
 
 
 def test_api_key_with_real_clients(keyed):

@@ -1,10 +1,11 @@
 """Admission control, deadlines and API keys: what protects the model from its clients.
 
-Model work (every POST route, every gRPC ModelInfer) takes a slot from :class:`Admission`
-before it runs: at most ``max_concurrent`` run, at most ``max_queue`` wait, the rest are
-``overloaded``. A request's deadline (``--request_timeout_seconds`` or the client's
-``x-request-timeout`` header) bounds its wait and its work; when it passes, the work is
-cancelled and the client gets ``timeout``.
+Model work (every HTTP route that declares it, see ``RouteFacts`` in :mod:`hfserve.api.routing`;
+every gRPC ModelInfer) takes a slot from :class:`Admission` before it runs: at most
+``max_concurrent`` run, at most ``max_queue`` wait, the rest are ``overloaded``. A request's
+deadline (``--request_timeout_seconds`` or the client's ``x-request-timeout`` header) bounds its
+wait and its work; when it passes, the work is cancelled and the client gets ``timeout``. Routes
+that are not declared public need the API key (:func:`check_api_key`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import asyncio
 import contextlib
 import hmac
 import math
-import re
 import time
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
@@ -121,16 +121,6 @@ def parse_timeout(header: str | None, default: float | None) -> float | None:
 def deadline_of(scope_or_request: Any) -> Deadline | None:
     scope = getattr(scope_or_request, "scope", scope_or_request)
     return scope.get("state", {}).get("deadline")
-
-
-OPEN_PATHS = re.compile(
-    r"^/$|^/metrics$|^/v2/health/(live|ready)$|^/v2/models/[^/]+(/versions/[^/]+)?/ready$|^/v1/models/[^/:]+$"
-)
-
-
-def is_open(method: str, path: str) -> bool:
-    """Health, readiness and metrics answer without an API key."""
-    return method in ("GET", "HEAD") and OPEN_PATHS.match(path) is not None
 
 
 def check_api_key(expected: str, authorization: str | None) -> None:

@@ -33,7 +33,7 @@ class Metrics:
             registry=self.registry,
         )
         self.in_flight = Gauge(
-            "hfserve_requests_in_flight", "Requests being served now.", ["family"], registry=self.registry
+            "hfserve_requests_in_flight", "Requests being served by a route now, by API family.", ["family"], registry=self.registry
         )
         self.prompt_tokens = Counter(
             "hfserve_prompt_tokens_total", "Prompt tokens processed.", registry=self.registry

@@ -1,8 +1,10 @@
-"""The outermost ASGI layer: request ids, body size limit, metrics, access log.
+"""The outermost ASGI layer: what applies to every request, whether a route takes it or not.
 
-It sits outside FastAPI, so even failures that never reach a route (an
-oversized body, an exception escaping the framework) are answered in the
-family's error shape and carry ``x-request-id``.
+Request ids, the body size limit, request metrics, the access log. It sits outside FastAPI, so
+even failures that never reach a route (an oversized body, an exception escaping the framework)
+are answered in the family's error shape and carry ``x-request-id``. What depends on the route
+(the API key, the deadline, an admission slot for model work) is applied by the route itself
+(:class:`hfserve.api.routing.ContractRoute`), from the facts it declares.
 """
 
 from __future__ import annotations
@@ -10,14 +12,12 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from . import errors, limits
-
-if TYPE_CHECKING:
-    from .app import ErrorHandling
+from . import errors
+from .error_handling import CLIENT_CLOSED, ErrorHandling
 
 access_log = logging.getLogger("hfserve.access")
 
@@ -64,18 +64,12 @@ class ContractMiddleware:
         app: ASGIApp,
         handling: ErrorHandling,
         max_body_bytes: int,
-        admission: limits.Admission,
         log_requests: bool = True,
-        api_key: str | None = None,
-        request_timeout: float | None = None,
     ):
         self.app = app
         self.handling = handling
         self.max_body_bytes = max_body_bytes
-        self.admission = admission
         self.log_requests = log_requests
-        self.api_key = api_key
-        self.request_timeout = request_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -84,8 +78,6 @@ class ContractMiddleware:
         headers = _headers(scope)
         rid = valid_request_id(headers.get("x-request-id")) or uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
-        path = scope.get("path", "")
-        family = self.handling.family(path)
         metrics = self.handling.metrics
         started = time.perf_counter()
         status: dict[str, Any] = {"code": None, "sent_body_end": False, "error": None}
@@ -113,35 +105,23 @@ class ContractMiddleware:
                     raise errors.RequestTooLarge(_too_large(limit))
             return message
 
-        in_flight = metrics.child(metrics.in_flight, family)
-        in_flight.inc()
         try:
             try:
                 declared = _content_length(headers)
                 if declared is not None and declared > limit:
                     raise errors.RequestTooLarge(_too_large(limit))
-                method = scope.get("method", "GET")
-                if self.api_key and not limits.is_open(method, path):
-                    limits.check_api_key(self.api_key, headers.get("authorization"))
-                seconds = limits.parse_timeout(headers.get(limits.TIMEOUT_HEADER), self.request_timeout)
-                deadline = limits.Deadline(seconds) if seconds else None
-                scope["state"]["deadline"] = deadline
-                if method == "POST":  # model work takes a slot
-                    async with self.admission.slot(deadline):
-                        await self.app(scope, limited_receive, send_with_id)
-                else:
-                    await self.app(scope, limited_receive, send_with_id)
+                await self.app(scope, limited_receive, send_with_id)
             except Exception as exc:  # noqa: BLE001 - nothing escapes without a contract body
                 if status["code"] is None:
                     await self._respond(scope, receive, send_with_id, rid, exc)
                 else:
                     errors.classify(exc, rid)
         finally:
-            in_flight.dec()
-            code = status["code"] or 499
-            if code != 499 and not status["sent_body_end"]:
-                code = 499  # the client left before the body was complete
+            code = status["code"] or CLIENT_CLOSED
+            if not status["sent_body_end"]:
+                code = CLIENT_CLOSED  # the client left before the body was complete
             elapsed = time.perf_counter() - started
+            family = self.handling.family(scope)
             metrics.child(metrics.requests, family, str(code)).inc()
             metrics.child(metrics.latency, family).observe(elapsed)
             if self.log_requests:
@@ -149,7 +129,7 @@ class ContractMiddleware:
                     '%s "%s %s" %d %.1fms request_id=%s%s',
                     _client(scope),
                     scope.get("method", "-"),
-                    path,
+                    scope.get("path", ""),
                     code,
                     elapsed * 1000,
                     rid,
@@ -157,7 +137,7 @@ class ContractMiddleware:
                 )
 
     async def _respond(self, scope: Scope, receive: Receive, send: Send, rid: str, exc: BaseException) -> None:
-        response = self.handling.render_for(scope.get("path", ""), rid, exc)
+        response = self.handling.render_for(scope, rid, exc)
         await response(scope, receive, send)
 
 

@@ -32,13 +32,14 @@ import struct
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
 from google.protobuf import unknown_fields
 
 from .. import __version__, errors, limits
+from ..error_handling import ErrorHandling
 from ..grpc_gen import grpc_predict_v2_pb2 as pb2
 from ..grpc_gen import grpc_predict_v2_pb2_grpc as pb2_grpc
 from ..middleware import valid_request_id
@@ -46,9 +47,6 @@ from ..predict import Tensor, model_metadata, predict
 from ..service import ModelService
 from ..validation import validate
 from .kserve_v2 import EXTENSIONS, InferenceRequest, check_model, encode_bytes_tensor, input_texts, wants_binary
-
-if TYPE_CHECKING:
-    from ..app import ErrorHandling
 
 logger = logging.getLogger("hfserve.grpc")
 

@@ -52,11 +52,13 @@ def _texts(body: PredictRequest) -> tuple[list[str], str]:
 
 
 @router.get("/models")
+@ContractRoute.declare("v1")
 async def list_models(request: Request) -> dict[str, list[str]]:
     return {"models": [_service(request).name]}
 
 
-@router.get("/models/{name}")
+@router.get("/models/{name:model}")
+@ContractRoute.declare("v1", public=True)
 async def model_status(request: Request, name: str) -> dict[str, Any]:
     service = _service(request)
     service.check_name(name)
@@ -64,7 +66,8 @@ async def model_status(request: Request, name: str) -> dict[str, Any]:
     return {"name": name, "ready": True}
 
 
-@router.post("/models/{name}:predict", openapi_extra=json_schema_body(PredictRequest))
+@router.post("/models/{name:model}:predict", openapi_extra=json_schema_body(PredictRequest))
+@ContractRoute.declare("v1", model_work=True)
 async def predict_route(request: Request, name: str) -> dict[str, Any]:
     service = _service(request)
     body = await read_json(request, PredictRequest)
@@ -73,3 +76,12 @@ async def predict_route(request: Request, name: str) -> dict[str, Any]:
     texts, key = _texts(body)
     result = await until_disconnect(request, predict(service, texts, body.parameters, request_id(request), param=key))
     return {"predictions": result.predictions}
+
+
+@router.post("/models/{name:model}:explain")
+@ContractRoute.declare("v1")
+async def explain_route(request: Request, name: str) -> dict[str, Any]:
+    _service(request).check_name(name)
+    raise errors.RouteNotFound(
+        f"Model {errors.echo(name)} has no explainer: this server does not implement :explain; use :predict for its predictions"
+    )

@@ -22,7 +22,17 @@ from ..sampling import SamplingOptions
 from ..service import ModelService
 from ..tasks import Task
 from ..validation import check_content_type, load_json, validate
-from .routing import ContractRoute, JSONResponse, dump_json, json_schema_body, read_json, request_id, sse, sse_response, until_disconnect
+from .routing import (
+    ContractRoute,
+    JSONResponse,
+    dump_json,
+    json_schema_body,
+    read_json,
+    request_id,
+    sse,
+    sse_response,
+    until_disconnect,
+)
 
 router = APIRouter(prefix="/v2", route_class=ContractRoute, tags=["v2"])
 root_router = APIRouter(route_class=ContractRoute, tags=["server"])
@@ -238,27 +248,32 @@ def infer_response(service: ModelService, req_id: str, tensor: Tensor, binary: b
 
 # ------------------------------------------------------------------ routes
 @root_router.get("/")
+@ContractRoute.declare("other", public=True)
 async def root_live() -> dict[str, str]:
     return {"status": "alive"}
 
 
 @root_router.get("/metrics")
+@ContractRoute.declare("other", public=True)
 async def metrics(request: Request) -> Response:
     body, content_type = request.app.state.metrics.render()
     return Response(body, media_type=content_type)
 
 
 @router.get("")
+@ContractRoute.declare("v2")
 async def server_metadata() -> dict[str, Any]:
     return {"name": "hfserve", "version": __version__, "extensions": EXTENSIONS}
 
 
 @router.get("/health/live")
+@ContractRoute.declare("v2", public=True)
 async def live() -> dict[str, bool]:
     return {"live": True}
 
 
 @router.get("/health/ready")
+@ContractRoute.declare("v2", public=True)
 async def ready(request: Request) -> Response:
     service = _service(request)
     if not service.ready:
@@ -267,12 +282,14 @@ async def ready(request: Request) -> Response:
 
 
 @router.get("/models")
+@ContractRoute.declare("v2")
 async def list_models(request: Request) -> dict[str, list[str]]:
     return {"models": [_service(request).name]}
 
 
 @router.get("/models/{name}")
 @router.get("/models/{name}/versions/{version}")
+@ContractRoute.declare("v2")
 async def get_model_metadata(request: Request, name: str, version: str | None = None) -> dict[str, Any]:
     service = _service(request)
     check_model(service, name, version)
@@ -282,6 +299,7 @@ async def get_model_metadata(request: Request, name: str, version: str | None = 
 
 @router.get("/models/{name}/ready")
 @router.get("/models/{name}/versions/{version}/ready")
+@ContractRoute.declare("v2", public=True)
 async def model_ready(request: Request, name: str, version: str | None = None) -> dict[str, Any]:
     service = _service(request)
     check_model(service, name, version)
@@ -291,6 +309,7 @@ async def model_ready(request: Request, name: str, version: str | None = None) -
 
 @router.post("/models/{name}/infer", openapi_extra=json_schema_body(InferenceRequest))
 @router.post("/models/{name}/versions/{version}/infer", openapi_extra=json_schema_body(InferenceRequest))
+@ContractRoute.declare("v2", model_work=True)
 async def infer(request: Request, name: str, version: str | None = None) -> Response:
     service = _service(request)
     body = await request.body()
@@ -334,6 +353,7 @@ async def _prepare_generate(request: Request, name: str, version: str | None) ->
 
 @router.post("/models/{name}/generate", openapi_extra=json_schema_body(GenerateRequest))
 @router.post("/models/{name}/versions/{version}/generate", openapi_extra=json_schema_body(GenerateRequest))
+@ContractRoute.declare("v2", model_work=True)
 async def generate(request: Request, name: str, version: str | None = None) -> Response:
     service, _, prompt, params = await _prepare_generate(request, name, version)
     gen = await until_disconnect(request, service.generate_full(prompt, params, request_id(request)))
@@ -351,6 +371,7 @@ async def generate(request: Request, name: str, version: str | None = None) -> R
 
 @router.post("/models/{name}/generate_stream", openapi_extra=json_schema_body(GenerateRequest))
 @router.post("/models/{name}/versions/{version}/generate_stream", openapi_extra=json_schema_body(GenerateRequest))
+@ContractRoute.declare("v2", model_work=True)
 async def generate_stream(request: Request, name: str, version: str | None = None) -> Response:
     service, _, prompt, params = await _prepare_generate(request, name, version)
     stream = service.generate(prompt, params, request_id(request))

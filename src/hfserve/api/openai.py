@@ -212,6 +212,7 @@ def _prompt_entries(service: ModelService, ids: list[int], plps: list[TokenLogpr
 
 # -------------------------------------------------------------- completions
 @router.post("/completions", openapi_extra=json_schema_body(CompletionRequest), response_model=None)
+@ContractRoute.declare("openai", model_work=True)
 async def create_completion(request: Request) -> Response:
     service = _service(request)
     body = await read_json(request, CompletionRequest)
@@ -383,6 +384,7 @@ def _check_chat_options(body: ChatCompletionRequest) -> None:
 
 
 @router.post("/chat/completions", openapi_extra=json_schema_body(ChatCompletionRequest), response_model=None)
+@ContractRoute.declare("openai", model_work=True)
 async def create_chat_completion(request: Request) -> Response:
     service = _service(request)
     body = await read_json(request, ChatCompletionRequest)
@@ -489,6 +491,7 @@ async def _stream_chat(
 
 # ---------------------------------------------------------------- embeddings
 @router.post("/embeddings", openapi_extra=json_schema_body(EmbeddingRequest), response_model=None)
+@ContractRoute.declare("openai", model_work=True)
 async def create_embeddings(request: Request) -> Response:
     service = _service(request)
     body = await read_json(request, EmbeddingRequest)
@@ -537,12 +540,14 @@ def _model_card(service: ModelService) -> OpenAIModel:
 
 
 @router.get("/models", response_model=None)
+@ContractRoute.declare("openai")
 async def list_models(request: Request) -> Response:
     service = _service(request)
     return JSONResponse({"object": "list", "data": [_model_card(service).model_dump()]})
 
 
 @router.get("/models/{model_id:path}", response_model=None)
+@ContractRoute.declare("openai")
 async def retrieve_model(request: Request, model_id: str) -> Response:
     service = _service(request)
     _check_model(service, model_id)

@@ -1,46 +1,134 @@
-"""What every family's routes share: contract error handling, body parsing, SSE, disconnects."""
+"""What every family's routes share: route facts, contract error handling, the route index,
+body parsing, SSE, disconnects."""
 
 from __future__ import annotations
 
 import asyncio
 import inspect
 import logging
+import re
 import typing
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import orjson
 import pydantic
-from fastapi import Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.routing import APIRoute
+from starlette.convertors import Convertor, StringConvertor, register_url_convertor
+from starlette.datastructures import Headers
 from starlette.responses import JSONResponse as _StarletteJSONResponse
 from starlette.responses import StreamingResponse
-from starlette.routing import Match, Route
+from starlette.routing import Router, compile_path
 from starlette.types import Receive, Scope, Send
 
 from .. import errors
-from ..limits import deadline_of
+from ..error_handling import CLIENT_CLOSED, FAMILY_KEY, Family
+from ..error_handling import request_id as request_id  # the families' helper, with the rest of this module's
+from ..limits import TIMEOUT_HEADER, Deadline, check_api_key, deadline_of, parse_timeout
 from ..validation import parse_body
 
 logger = logging.getLogger("hfserve.api")
 
 M = TypeVar("M", bound=pydantic.BaseModel)
 T = TypeVar("T")
+E = TypeVar("E", bound=Callable[..., Any])
 
-#: status logged for a request whose client went away (nginx's convention)
-CLIENT_CLOSED = 499
+_FACTS_ATTRIBUTE = "__hfserve_route_facts__"
+
+
+class ModelNameConvertor(StringConvertor):
+    """``{name:model}``: a model name, which holds no ``:`` (KServe v1 puts the verb after one:
+    ``/v1/models/{name}:predict``), so ``GET /v1/models/m:predict`` is not the model status of ``m:predict``."""
+
+    regex = "[^/:]+"
+
+
+register_url_convertor("model", ModelNameConvertor())
+
+
+@dataclass(frozen=True)
+class RouteFacts:
+    """What the server must know of a route before it runs it, declared on the endpoint with
+    :meth:`ContractRoute.declare` and applied by :class:`ContractRoute`."""
+
+    #: the API family that renders the route's errors (and labels its metrics)
+    family: Family
+    #: model work: takes a slot from the admission control (``--max_concurrent_requests``)
+    model_work: bool = False
+    #: answers without the API key (health, readiness, metrics)
+    public: bool = False
 
 
 class ContractRoute(APIRoute):
-    """An APIRoute whose every failure is rendered by the route's family renderer.
+    """An APIRoute that applies its declared :class:`RouteFacts` and renders every failure with
+    its family's renderer.
+
+    When a request matches its path and method, the route records its family in the request's
+    state, checks the API key (unless the route is public), sets the request's deadline, counts
+    the request in flight and, for model work, holds an admission slot until the response
+    (a stream too) is complete. A request with another method is answered 405 (with ``Allow``)
+    before any of that.
 
     An endpoint whose only parameter is the request (every body is parsed by the route
     itself, see :func:`read_json`) is called directly: FastAPI's dependency solving would
     find nothing to solve, at a cost paid on every request.
+
+    The facts are read from the endpoint (FastAPI's ``include_router`` may build the route
+    again from it, and keeps the route class).
     """
 
-    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+    @staticmethod
+    def declare(family: Family, *, model_work: bool = False, public: bool = False) -> Callable[[E], E]:
+        """Declare the :class:`RouteFacts` of the endpoint it decorates (put it under the
+        router's decorators): every endpoint of a ContractRoute declares them."""
+        facts = RouteFacts(family, model_work, public)
+
+        def declare(endpoint: E) -> E:
+            setattr(endpoint, _FACTS_ATTRIBUTE, facts)
+            return endpoint
+
+        return declare
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **kwargs: Any) -> None:
+        facts = getattr(endpoint, _FACTS_ATTRIBUTE, None)
+        if not isinstance(facts, RouteFacts):
+            raise TypeError(
+                f"the endpoint {endpoint.__qualname__} of route {path} declares no route facts; decorate it "
+                "with @ContractRoute.declare(family, model_work=..., public=...) under the router's decorator"
+            )
+        self.facts = facts
+        super().__init__(path, endpoint, **kwargs)
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        facts = self.facts
+        state = scope.setdefault("state", {})
+        state[FAMILY_KEY] = facts.family
+        if scope["method"] not in self.methods:
+            await super().handle(scope, receive, send)  # 405 method_not_allowed
+            return
+        app_state = scope["app"].state
+        limits = app_state.limits
+        headers = Headers(scope=scope)
+        if limits.api_key and not facts.public:
+            check_api_key(limits.api_key, headers.get("authorization"))
+        seconds = parse_timeout(headers.get(TIMEOUT_HEADER), limits.request_timeout_seconds)
+        deadline = state["deadline"] = Deadline(seconds) if seconds else None
+        metrics = app_state.metrics
+        in_flight = metrics.child(metrics.in_flight, facts.family)
+        in_flight.inc()
+        try:
+            if facts.model_work:
+                async with app_state.admission.slot(deadline):
+                    await super().handle(scope, receive, send)
+            else:
+                await super().handle(scope, receive, send)
+        finally:
+            in_flight.dec()
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = self._direct_handler() or super().get_route_handler()
 
         async def contract_handler(request: Request) -> Response:
@@ -77,44 +165,68 @@ class ContractRoute(APIRoute):
         return direct
 
 
-class RouteIndex:
-    """The router's dispatch, with a shortcut for requests to a fixed path.
+@dataclass(frozen=True)
+class _Indexed:
+    path: str  # the full path: include prefix + route path
+    head: str  # its literal start, up to its first parameter
+    regex: re.Pattern[str]
+    convertors: dict[str, Convertor[Any]]
+    route: APIRoute
 
-    Starlette tries every route in order until one matches; the model routes come after
-    twenty others. For each path of a route without path parameters, the index keeps the
-    routes (in their order) whose pattern matches that path: the first of them to match
-    fully is the route the full scan would choose. A path not in the index, no full match
-    (a wrong method: 405), or a request under a root path goes through the router's own
-    dispatch.
+
+class RouteIndex:
+    """The router's dispatch for the families' routes: one flat list, a cheap pre-filter.
+
+    Starlette's router tries its routes one by one, and FastAPI since 0.165 keeps each included
+    router whole (a request is matched through the included router, then again inside it), so
+    the model routes are found after some thirty regular-expression matches. The index holds
+    every route of the included routers with its full path (include prefix + route path), in
+    the order the app's router tries them, and matches a request only against the routes whose
+    path starts the way the request's does (the literal part before the first parameter). The
+    first route that matches fully (path and method) handles the request, as it would after the
+    router's scan. Anything else goes through the router's own dispatch: no route (404), a
+    route with another method (405), the app's own routes (``/openapi.json``, which share no
+    path with the families), a request under a root path.
     """
 
-    def __init__(self, router: Any):
+    def __init__(self, router: Router, includes: Sequence[tuple[APIRouter, str]]):
         self.router = router
         self.dispatch = router.middleware_stack
-        routes = list(router.routes)
-        self.index: dict[str, list[Any]] = {}
-        for route in routes:
-            if isinstance(route, Route) and not route.param_convertors:
-                self.index.setdefault(
-                    route.path, [r for r in routes if not isinstance(r, Route) or r.path_regex.match(route.path)]
-                )
+        self.routes: list[_Indexed] = []
+        for family_router, prefix in includes:
+            for route in family_router.routes:
+                if isinstance(route, APIRoute):
+                    path = prefix + route.path
+                    regex, _, convertors = compile_path(path)
+                    self.routes.append(_Indexed(path, path.split("{", 1)[0], regex, convertors, route))
+
+    def route_for(self, method: str, path: str) -> tuple[APIRoute, dict[str, Any]] | None:
+        """The route that takes ``method`` on ``path``, with its path parameters; None if none does."""
+        for entry in self.routes:
+            if path.startswith(entry.head) and method in entry.route.methods:
+                match = entry.regex.match(path)
+                if match:
+                    params = {key: entry.convertors[key].convert(value) for key, value in match.groupdict().items()}
+                    return entry.route, params
+        return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and not scope.get("root_path"):  # the path is the route path
-            for route in self.index.get(scope["path"], ()):
-                match, child_scope = route.matches(scope)
-                if match is Match.FULL:
-                    scope.setdefault("router", self.router)
-                    scope["route"] = route
-                    scope.update(child_scope)
-                    await route.handle(scope, receive, send)
-                    return
-        await self.dispatch(scope, receive, send)
+        found = self.route_for(scope["method"], scope["path"]) if scope["type"] == "http" and not scope.get("root_path") else None
+        if found is None:
+            await self.dispatch(scope, receive, send)
+            return
+        route, params = found
+        scope.setdefault("router", self.router)
+        scope.update(endpoint=route.endpoint, path_params=params, route=route)
+        await route.handle(scope, receive, send)
 
 
-def index_routes(router: Any) -> None:
-    """Install :class:`RouteIndex` on ``router`` once its routes are all added."""
-    router.middleware_stack = RouteIndex(router)
+def index_routes(router: Router, includes: Sequence[tuple[APIRouter, str]]) -> RouteIndex:
+    """Install a :class:`RouteIndex` of the ``(router, prefix)`` pairs included in ``router``, in
+    the order they were included; call it once they all are."""
+    index = RouteIndex(router, includes)
+    router.middleware_stack = index
+    return index
 
 
 def dump_json(content: Any) -> bytes:
@@ -149,10 +261,6 @@ def tidy_openapi(doc: dict[str, Any]) -> dict[str, Any]:
     for name in ("HTTPValidationError", "ValidationError"):
         schemas.pop(name, None)
     return doc
-
-
-def request_id(request: Request) -> str:
-    return request.scope.get("state", {}).get("request_id") or "unknown"
 
 
 def disconnected(request: Request) -> Response:
@@ -221,7 +329,7 @@ async def sse_response(
     except StopAsyncIteration:
         first = ""
     except BaseException:
-        await events.aclose()
+        await _close(events)
         raise
 
     async def body() -> AsyncIterator[str]:
@@ -247,13 +355,20 @@ async def sse_response(
             request.app.state.errors.disconnected(request)
             raise
         finally:
-            await events.aclose()
+            await _close(events)
 
     return StreamingResponse(
         body(),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
+
+
+async def _close(events: AsyncIterator[str]) -> None:
+    """Close ``events`` when it can be closed (an async generator: its ``finally`` runs now)."""
+    aclose = getattr(events, "aclose", None)
+    if aclose is not None:
+        await aclose()
 
 
 def sse(data: str) -> str:
