@@ -154,3 +154,25 @@ def test_text_stream_cuts_before_stop_strings_and_never_sends_them(models, name)
             assert stopped == middle and sent == full[: full.index(middle)], (name, kind, middle)
             for end in range(1, len(deltas) + 1):  # what was sent at each step never changes afterwards
                 assert full.startswith("".join(deltas[:end]))
+
+
+def test_a_decoder_not_known_to_be_local_keeps_the_full_decode(models):
+    from tokenizers import decoders
+
+    tok = transformers.AutoTokenizer.from_pretrained(models["minilm"])
+    tok._tokenizer.decoder = decoders.CTC()  # merges repeated tokens: the text of one depends on the ones before
+    assert type(detokenizer_factory(tok)()) is FullDetokenizer
+
+
+@pytest.mark.parametrize("failure", ["differs", "raises"])
+def test_an_incremental_decoder_that_fails_a_probe_is_not_used(models, monkeypatch, failure):
+    step = StreamDetokenizer.step
+
+    def broken(self, token_id):
+        if failure == "raises" and len(self.ids) == 3:
+            raise Exception("Invalid prefix encountered")  # what DecodeStream raises when earlier text changed
+        return step(self, token_id).upper()
+
+    monkeypatch.setattr(StreamDetokenizer, "step", broken)
+    tok = transformers.AutoTokenizer.from_pretrained(models["llama"])
+    assert type(detokenizer_factory(tok)()) is FullDetokenizer

@@ -109,16 +109,11 @@ class Backend(abc.ABC):
 
         return self._tokenizer_shortcut("_encoder", fast_encoder)(text, add_special_tokens)
 
-    def decode_text(self, token_ids: list[int]) -> str:
-        """Text of ``token_ids``, exactly as ``tokenizer.decode(ids, skip_special_tokens=True)``."""
-        from .tokenizing import fast_decoder
-
-        return self._tokenizer_shortcut("_decoder", fast_decoder)(token_ids)
-
     def detokenizer_factory(self) -> Callable[[], Detokenizer]:
         """Makes one incremental decoder per generated sequence: its texts add up to exactly
-        :meth:`decode_text` of the sequence's tokens, O(1) per token where the tokenizer
-        allows it (chosen once per tokenizer, see :func:`.tokenizing.detokenizer_factory`)."""
+        ``tokenizer.decode(ids, skip_special_tokens=True)`` of the sequence's tokens, O(1) per
+        token where the tokenizer allows it (chosen once per tokenizer, see
+        :func:`.tokenizing.detokenizer_factory`)."""
         from .tokenizing import detokenizer_factory
 
         return self._tokenizer_shortcut("_detokenizers", detokenizer_factory)

@@ -240,10 +240,13 @@ def _streams_exactly(tokenizer: Any, raw: Any, decode: Decoder) -> bool:
     for ids in _probe_sequences(tokenizer, raw):
         detok = StreamDetokenizer(raw, decode)
         text = ""
-        for end, token_id in enumerate(ids, 1):
-            text += detok.step(token_id)
-            if (end % 50 == 0 or end < 50) and not decode(ids[:end]).startswith(text):
-                return False
+        try:
+            for end, token_id in enumerate(ids, 1):
+                text += detok.step(token_id)
+                if (end % 50 == 0 or end < 50) and not decode(ids[:end]).startswith(text):
+                    return False
+        except Exception:  # noqa: BLE001 - DecodeStream refuses text that changed before its window: not exact
+            return False
         if text + detok.finish() != decode(ids):
             return False
     return True
@@ -264,7 +267,7 @@ def detokenizer_factory(tokenizer: Any) -> Callable[[], Detokenizer]:
     raw = _plain_rust_decoder(tokenizer)
     why = None
     if raw is None:
-        why = "its decode is not the Rust tokenizer's"
+        why = "its decode is not the Rust tokenizer's alone: a slow tokenizer, tokenization-space clean-up or an override"
     else:
         try:
             from tokenizers.decoders import DecodeStream  # noqa: F401 - only whether it exists
