@@ -237,13 +237,14 @@ async def fake_server(
     start: bool = True,
     limits: LimitsConfig | None = None,
     server: ServerConfig | None = None,
+    return_probabilities: bool = False,
     **backend_options: Any,
 ) -> AsyncIterator[FakeServer]:
     """Serve ``name`` on a :class:`FakeBackend` (loaded unless ``start`` is false: still loading)."""
     backend = FakeBackend(task, **backend_options)
-    service = ModelService(name, backend)
+    service = ModelService(name, backend, return_probabilities=return_probabilities)
     config = Config(
-        model=ModelConfig(source=name, name=name, task=task),
+        model=ModelConfig(source=name, name=name, task=task, return_probabilities=return_probabilities),
         limits=limits or LimitsConfig(),
         server=server or ServerConfig(log_requests=False),
     )

@@ -76,21 +76,6 @@ def test_internal_error_before_first_token_on_every_family(faulty):
         assert ok.status_code == 200
 
 
-def test_hanging_backend_times_out_on_every_family(faulty):
-    cases = [
-        ("/openai/v1/completions", {"model": "faulty", "prompt": "HANG"}),
-        ("/openai/v1/chat/completions", {"model": "faulty", "messages": [{"role": "user", "content": "HANG"}], "stream": True}),
-        ("/v1/models/faulty:predict", {"instances": ["HANG"]}),
-        ("/v2/models/faulty/generate_stream", {"text_input": "HANG"}),
-        ("/v2/models/faulty/infer", {"inputs": [{"name": "input-0", "shape": [1], "datatype": "BYTES", "data": ["HANG"]}]}),
-    ]
-    for path, body in cases:
-        resp = httpx.post(f"{faulty}{path}", json=body, headers={"x-request-timeout": "0.5"}, timeout=30)
-        assert_error(resp, "timeout", param=None)
-        ok = httpx.post(f"{faulty}/v1/models/faulty:predict", json={"instances": ["hi"], "parameters": {"max_tokens": 2}}, timeout=60)
-        assert ok.status_code == 200
-
-
 def test_mid_stream_error_openai_sdk(faulty):
     client = openai.OpenAI(base_url=f"{faulty}/openai/v1", api_key="x", max_retries=0)
     stream = client.completions.create(model="faulty", prompt="FAIL_MID", max_tokens=10, stream=True, extra_body={"ignore_eos": True})
@@ -163,10 +148,14 @@ def test_a_failing_prompt_stops_the_other_prompts_of_its_request(faulty_server):
 
 
 def test_error_metrics_count_internal_errors(faulty):
+    def count() -> float:
+        sample = 'hfserve_errors_total{code="internal_error",family="v1"}'
+        lines = [x for x in httpx.get(f"{faulty}/metrics", timeout=30).text.splitlines() if x.startswith(sample)]
+        return float(lines[0].rsplit(" ", 1)[1]) if lines else 0.0
+
+    before = count()
     httpx.post(f"{faulty}/v1/models/faulty:predict", json={"instances": ["FAIL_BEFORE"]}, timeout=60)
-    metrics = httpx.get(f"{faulty}/metrics", timeout=30).text
-    line = next(x for x in metrics.splitlines() if x.startswith('hfserve_errors_total{code="internal_error",family="v1"}'))
-    assert float(line.rsplit(" ", 1)[1]) >= 1
+    assert count() == before + 1
 
 
 def test_event_loop_stays_free_during_generation(llama):

@@ -55,7 +55,8 @@ def test_greedy_completion_matches_transformers(client, hf_llama, prompt):
         full = torch.tensor([ids + expected])
         logits = model(full).logits[0].float()
     lps = torch.log_softmax(logits, dim=-1)
-    want = [float(lps[len(ids) - 1 + i, t]) for i, t in enumerate(expected[: len(choice.logprobs.token_logprobs)])]
+    assert len(choice.logprobs.token_logprobs) == r.usage.completion_tokens
+    want = [float(lps[len(ids) - 1 + i, t]) for i, t in enumerate(expected[: r.usage.completion_tokens])]
     assert np.allclose(choice.logprobs.token_logprobs, want, atol=1e-3)
 
 
@@ -240,7 +241,8 @@ def test_chat_uses_the_chat_template(client, hf_llama):
     assert r.choices[0].message.role == "assistant"
 
 
-def test_chat_request_template_overrides(client):
+def test_chat_request_template_overrides(client, hf_llama):
+    tok, _ = hf_llama
     r = client.chat.completions.create(
         model="llama",
         messages=[{"role": "user", "content": "abc"}],
@@ -248,7 +250,8 @@ def test_chat_request_template_overrides(client):
         temperature=0,
         extra_body={"chat_template": "{% for m in messages %}{{ m['content'] }}{% endfor %}"},
     )
-    assert r.usage.prompt_tokens == 1 or r.usage.prompt_tokens <= 3
+    # the request's template renders "abc" alone (no special tokens are added to a rendered template)
+    assert r.usage.prompt_tokens == len(tok("abc", add_special_tokens=False)["input_ids"])
 
 
 def test_chat_stream_and_logprobs(client):
@@ -267,8 +270,9 @@ def test_chat_stream_and_logprobs(client):
     assert first.delta.role == "assistant"
     content = [c.choices[0] for c in chunks if c.choices]
     assert content[-1].finish_reason in ("stop", "length")
-    assert all(len(t.top_logprobs) == 2 for c in content for t in (c.logprobs.content or []))
-    assert chunks[-1].usage.completion_tokens == sum(len(c.logprobs.content or []) for c in content)
+    tokens = [t for c in content for t in c.logprobs.content]
+    assert len(tokens) == chunks[-1].usage.completion_tokens > 0
+    assert all(len(t.top_logprobs) == 2 for t in tokens)
 
 
 def test_chat_n_and_logprobs(client):
@@ -276,8 +280,9 @@ def test_chat_n_and_logprobs(client):
         model="llama", messages=[{"role": "user", "content": "hi"}], max_tokens=5, n=2, logprobs=True, top_logprobs=3, seed=3
     )
     assert len(r.choices) == 2
-    for c in r.choices:
-        assert all(len(t.top_logprobs) == 3 for t in c.logprobs.content)
+    tokens = [t for c in r.choices for t in c.logprobs.content]
+    assert len(tokens) == r.usage.completion_tokens and all(c.logprobs.content for c in r.choices)
+    assert all(len(t.top_logprobs) == 3 for t in tokens)
 
 
 def test_chat_without_template_is_a_clear_error(llama_nochat):
@@ -328,9 +333,10 @@ def test_embeddings_match_sentence_transformers(minilm, models):
     ).json()
     decoded = np.array([np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4") for d in raw["data"]])
     assert np.allclose(decoded, want, atol=1e-4)
-    # the SDK's own base64 path (its default when numpy is installed) agrees too
+    # asked for base64 explicitly, the SDK hands the string over undecoded
     r2 = c.embeddings.create(model="minilm", input="hello", encoding_format="base64")
-    assert isinstance(r2.data[0].embedding, (str, list))
+    assert isinstance(r2.data[0].embedding, str)
+    assert np.allclose(np.frombuffer(base64.b64decode(r2.data[0].embedding), dtype="<f4"), want[2], atol=1e-4)
 
 
 def test_embeddings_token_input(minilm, models):
@@ -394,13 +400,6 @@ def test_sdk_error_classes(client):
     assert e.value.code == "invalid_request" and e.value.param == "frobnicate"
 
 
-def test_unknown_fields_never_silently_ignored(llama):
-    r = httpx.post(f"{llama.openai_url}/completions", json={"model": "llama", "prompt": "x", "suffix": "y"}, timeout=30)
-    assert r.status_code == 400
-    assert r.json()["error"]["code"] == "unsupported_parameter"
-    assert r.json()["error"]["param"] == "suffix"
-
-
 def test_sse_payloads_are_json(llama):
     with httpx.stream(
         "POST",
@@ -409,6 +408,6 @@ def test_sse_payloads_are_json(llama):
         timeout=60,
     ) as resp:
         events = [line[6:] for line in resp.iter_lines() if line.startswith("data: ")]
-    assert events[-1] == "[DONE]"
+    assert events[-1] == "[DONE]" and len(events) > 1
     for e in events[:-1]:
         assert json.loads(e)["object"] == "chat.completion.chunk"
