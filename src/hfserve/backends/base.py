@@ -71,7 +71,7 @@ class Backend(abc.ABC):
     async def start(self) -> None:
         """Load the model; raise an hfserve error if it cannot be served."""
 
-    async def stop(self) -> None:
+    async def stop(self) -> None:  # noqa: B027 - optional: a backend with nothing to release keeps it
         """Release the model (called once, at shutdown)."""
 
     def healthy(self) -> bool:
@@ -92,7 +92,7 @@ class Backend(abc.ABC):
             raise
         except (asyncio.CancelledError, GeneratorExit, errors.ClientDisconnected):
             raise
-        except Exception as exc:  # noqa: BLE001 - this is the translation point
+        except Exception as exc:  # this is the translation point
             raise self.translate(exc, request_id) from exc
 
     @abc.abstractmethod
