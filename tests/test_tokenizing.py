@@ -176,3 +176,29 @@ def test_an_incremental_decoder_that_fails_a_probe_is_not_used(models, monkeypat
     monkeypatch.setattr(StreamDetokenizer, "step", broken)
     tok = transformers.AutoTokenizer.from_pretrained(models["llama"])
     assert type(detokenizer_factory(tok)()) is FullDetokenizer
+
+
+def test_an_incremental_decoder_that_fails_mid_sequence_falls_back_to_the_full_decode(models):
+    """DecodeStream raising on a sequence the probes did not cover does not fail the request:
+    that sequence is decoded in full from then on, and its text is still tokenizer.decode's."""
+    tok = transformers.AutoTokenizer.from_pretrained(models["llama"])
+    ids = next(s for s in sequences(tok) if len(s) > 12)
+    detok = detokenizer_factory(tok)()
+    assert type(detok) is StreamDetokenizer
+
+    class Failing:
+        def __init__(self, inner):
+            self.inner, self.calls = inner, 0
+
+        def step(self, raw, token_id):
+            self.calls += 1
+            if self.calls == 6:
+                raise Exception("Invalid prefix encountered")
+            return self.inner.step(raw, token_id)
+
+    detok.stream = Failing(detok.stream)
+    text = ""
+    for end in range(1, len(ids) + 1):
+        text += detok.step(ids[end - 1])
+        assert text + detok.finish() == tok.decode(ids[:end], skip_special_tokens=True), end
+    assert detok.stream is None

@@ -180,18 +180,30 @@ class StreamDetokenizer:
 
         self.raw = raw
         self.decode = decode
-        self.stream = DecodeStream(skip_special_tokens=True)
+        self.stream: Any = DecodeStream(skip_special_tokens=True)  # None once it has failed
         self.ids: list[int] = []
         self.settled = 0  # characters settled so far
         self.pending = False  # tokens since the last settled text
 
     def step(self, token_id: int) -> str:
         self.ids.append(token_id)
-        chunk = self.stream.step(self.raw, token_id)
-        self.pending = chunk is None
-        if chunk is None:
+        if self.stream is not None:
+            try:
+                chunk = self.stream.step(self.raw, token_id)
+            except Exception as exc:  # noqa: BLE001 - a sequence the probes did not cover: decode it whole from now on
+                logger.warning("incremental decoding failed (%s); this sequence is decoded in full from here", exc)
+                self.stream = None
+            else:
+                self.pending = chunk is None
+                if chunk is None:
+                    return ""
+                self.settled += len(chunk)
+                return chunk
+        text = self.decode(self.ids)
+        self.pending = text.endswith("\ufffd")  # an unfinished character: wait for its next byte
+        if self.pending:
             return ""
-        self.settled += len(chunk)
+        chunk, self.settled = text[self.settled :], len(text)
         return chunk
 
     def finish(self) -> str:
