@@ -93,37 +93,51 @@ async def predict(
             param=f"parameters.{name}",
         )
     inputs = service.encode_inputs(texts, param)
+    if task is Task.text_embedding:
+        return _embeddings(await service.embed(inputs))
+    if task is Task.sequence_classification:
+        return _classes(await service.classify(inputs), service.return_probabilities)
+    if task is Task.token_classification:
+        return _token_classes(await service.classify_tokens(inputs), service.return_probabilities)
+    return await _fill_mask(service, inputs)
+
+
+def _embeddings(vectors: list[list[float]]) -> Prediction:
+    dim = len(vectors[0]) if vectors else 0
+    return Prediction(vectors, Tensor(OUTPUT_NAME, "FP32", [len(vectors), dim], [x for v in vectors for x in v]))
+
+
+def _classes(logits: list[list[float]], probs_wanted: bool) -> Prediction:
+    n = len(logits)
+    if probs_wanted:
+        probs = [softmax(row) for row in logits]
+        v1 = [{str(j): p for j, p in enumerate(row)} for row in probs]
+        return Prediction(v1, Tensor(OUTPUT_NAME, "FP32", [n, len(probs[0])], [p for r in probs for p in r]))
+    ids = [argmax(row) for row in logits]
+    return Prediction(ids, Tensor(OUTPUT_NAME, "INT64", [n], ids))
+
+
+def _token_classes(per_token: list[list[list[float]]], probs_wanted: bool) -> Prediction:
+    n = len(per_token)
+    width = max(len(x) for x in per_token)
+    if probs_wanted:
+        probs = [[softmax(tok) for tok in row] for row in per_token]
+        v1 = [[{str(j): p for j, p in enumerate(tok)} for tok in row] for row in probs]
+        classes = len(probs[0][0])
+        flat: list[float] = []
+        for row in probs:
+            for tok in row:
+                flat.extend(tok)
+            flat.extend([0.0] * classes * (width - len(row)))
+        return Prediction(v1, Tensor(OUTPUT_NAME, "FP32", [n, width, classes], flat))
+    ids = [[argmax(tok) for tok in row] for row in per_token]
+    flat_ids = [i for row in ids for i in row + [-1] * (width - len(row))]
+    return Prediction([[row] for row in ids], Tensor(OUTPUT_NAME, "INT64", [n, 1, width], flat_ids))
+
+
+async def _fill_mask(service: ModelService, inputs: list[list[int]]) -> Prediction:
     n = len(inputs)
     probs_wanted = service.return_probabilities
-    if task is Task.text_embedding:
-        vectors = await service.embed(inputs)
-        dim = len(vectors[0]) if vectors else 0
-        return Prediction(vectors, Tensor(OUTPUT_NAME, "FP32", [n, dim], [x for v in vectors for x in v]))
-    if task is Task.sequence_classification:
-        logits = await service.classify(inputs)
-        if probs_wanted:
-            probs = [softmax(row) for row in logits]
-            v1 = [{str(j): p for j, p in enumerate(row)} for row in probs]
-            return Prediction(v1, Tensor(OUTPUT_NAME, "FP32", [n, len(probs[0])], [p for r in probs for p in r]))
-        ids = [argmax(row) for row in logits]
-        return Prediction(ids, Tensor(OUTPUT_NAME, "INT64", [n], ids))
-    if task is Task.token_classification:
-        per_token = await service.classify_tokens(inputs)
-        width = max(len(x) for x in per_token)
-        if probs_wanted:
-            probs = [[softmax(tok) for tok in row] for row in per_token]
-            v1 = [[{str(j): p for j, p in enumerate(tok)} for tok in row] for row in probs]
-            classes = len(probs[0][0])
-            flat: list[float] = []
-            for row in probs:
-                for tok in row:
-                    flat.extend(tok)
-                flat.extend([0.0] * classes * (width - len(row)))
-            return Prediction(v1, Tensor(OUTPUT_NAME, "FP32", [n, width, classes], flat))
-        ids = [[argmax(tok) for tok in row] for row in per_token]
-        flat_ids = [i for row in ids for i in row + [-1] * (width - len(row))]
-        return Prediction([[row] for row in ids], Tensor(OUTPUT_NAME, "INT64", [n, 1, width], flat_ids))
-    # fill mask
     top = await service.fill_mask(inputs, FILL_MASK_TOP_K if probs_wanted else 1)
     if probs_wanted:
         v1 = [

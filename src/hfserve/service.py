@@ -217,7 +217,7 @@ class ModelService:
                         return
                 yield item
         finally:
-            await stream.aclose()
+            await close(stream)
 
     async def generate_full(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> Generation:
         choices = [Choice(index=i) for i in range(params.n)]
@@ -336,6 +336,11 @@ async def merge(streams: list[AsyncIterator[Any]]) -> AsyncIterator[tuple[int, A
     finally:
         await cancel_all(tasks)
         for s in streams:
-            aclose = getattr(s, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await close(s)
+
+
+async def close(stream: AsyncIterator[Any]) -> None:
+    """Close an async iterator that can be closed (an async generator): its work is cancelled."""
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        await aclose()

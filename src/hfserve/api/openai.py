@@ -13,7 +13,7 @@ import math
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 import numpy as np
 from fastapi import APIRouter, Request, Response
@@ -129,16 +129,17 @@ def _prompts(service: ModelService, prompt: str | list[str] | list[int] | list[l
         return [(service.tokenize(prompt), prompt)]
     if not prompt:
         raise errors.InvalidRequest("prompt must not be empty", param="prompt")
+    # the schema admits a list of one kind only: texts, token ids, or lists of token ids
     if all(isinstance(p, str) for p in prompt):
-        return [(service.tokenize(p), p) for p in prompt]  # type: ignore[arg-type]
+        return [(service.tokenize(p), p) for p in cast("list[str]", prompt)]
     if all(isinstance(p, int) for p in prompt):
-        ids = service.check_token_ids(list(prompt), "prompt")  # type: ignore[arg-type]
+        ids = service.check_token_ids(list(cast("list[int]", prompt)), "prompt")
         return [(ids, service.tokenizer.decode(ids))]
     out = []
-    for i, ids in enumerate(prompt):
-        if not ids:
+    for i, token_ids in enumerate(cast("list[list[int]]", prompt)):
+        if not token_ids:
             raise errors.InvalidRequest("a token-id prompt must not be empty", param=f"prompt.{i}")
-        ids = service.check_token_ids(list(ids), f"prompt.{i}")  # type: ignore[arg-type]
+        ids = service.check_token_ids(list(token_ids), f"prompt.{i}")
         out.append((ids, service.tokenizer.decode(ids)))
     return out
 
@@ -184,7 +185,10 @@ class _CompletionLogprobs:
         self.offset = offset
 
     def build(self, entries: list[TokenLogprob | None]) -> Logprobs:
-        tokens, token_logprobs, top, offsets = [], [], [], []
+        tokens: list[str] = []
+        token_logprobs: list[float | None] = []
+        top: list[dict[str, float] | None] = []
+        offsets: list[int] = []
         for e in entries:
             if e is None:
                 continue
@@ -257,13 +261,13 @@ async def create_completion(request: Request) -> Response:
             if body.logprobs is not None:
                 builder = _CompletionLogprobs(body.logprobs)
                 entries = _prompt_entries(service, ids, gen.prompt_logprobs) if body.echo else []
-                lp = builder.build(entries + (c.logprobs or []))
+                lp = builder.build([*entries, *(c.logprobs or [])])
             choices.append(
                 CompletionChoice(
                     index=p_index * n + c.index,
                     text=out_text,
                     logprobs=lp,
-                    finish_reason=c.finish_reason or "length",
+                    finish_reason=c.finish_reason or "length",  # type: ignore[arg-type]
                     stop_reason=c.stop_reason,  # type: ignore[call-arg]  # vLLM-compatible extension
                 )
             )
@@ -324,8 +328,8 @@ async def _stream_completion(
                             index=index,
                             text=out_text,
                             logprobs=lp,
-                            finish_reason=d.finish_reason,  # type: ignore[arg-type]
-                            stop_reason=d.stop_reason,  # type: ignore[call-arg]
+                            finish_reason=d.finish_reason,
+                            stop_reason=d.stop_reason,
                         )
                     ],
                     # vLLM's continuous usage: this prompt's tokens and this choice's tokens so far
@@ -498,14 +502,15 @@ async def create_embeddings(request: Request) -> Response:
     _check_model(service, body.model)
     service.require("the embeddings route", Task.text_embedding)
     inp = body.input
+    # the schema admits a list of one kind only: texts, token ids, or lists of token ids
     if isinstance(inp, str):
         inputs = service.encode_inputs([inp], "input", refuse_empty_text=True)
     elif inp and all(isinstance(x, str) for x in inp):
-        inputs = service.encode_inputs(list(inp), "input", refuse_empty_text=True)  # type: ignore[arg-type]
+        inputs = service.encode_inputs(list(cast("list[str]", inp)), "input", refuse_empty_text=True)
     elif inp and all(isinstance(x, int) for x in inp):
-        inputs = service.check_inputs([service.check_token_ids(list(inp), "input")], "input")  # type: ignore[arg-type]
+        inputs = service.check_inputs([service.check_token_ids(list(cast("list[int]", inp)), "input")], "input")
     elif inp:
-        ids_lists = [service.check_token_ids(list(x), f"input.{i}") for i, x in enumerate(inp)]  # type: ignore[arg-type]
+        ids_lists = [service.check_token_ids(list(x), f"input.{i}") for i, x in enumerate(cast("list[list[int]]", inp))]
         inputs = service.check_inputs(ids_lists, "input")
     else:
         raise errors.InvalidRequest("input must not be empty", param="input")
