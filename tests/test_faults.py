@@ -145,6 +145,15 @@ def test_a_failing_prompt_stops_the_other_prompts_of_its_request(faulty_server):
         (cancelled_steps,) = [steps for how, steps, _ in ended if how == "cancelled"]
         assert cancelled_steps < 60, f"{path}: the sibling ran {cancelled_steps} of 240 steps"
         assert ended[-1][2] == 0, f"{path}: generations still running: {ended}"
+    # gRPC ModelInfer takes the same path
+    rid = f"siblings-{uuid.uuid4().hex[:8]}"
+    inp = tgrpc.InferInput("input-0", [2], "BYTES")
+    inp.set_data_from_numpy(np.array([p.encode() for p in prompts], dtype=np.object_))
+    with tgrpc.InferenceServerClient(faulty_server.grpc_host) as c, pytest.raises(InferenceServerException) as exc:
+        c.infer("faulty", [inp], parameters=long, headers={"x-request-id": rid})
+    assert exc.value.status() == "StatusCode.INTERNAL"
+    ended = ended_generations(faulty_server, rid, 2)
+    assert sorted(how for how, _, _ in ended) == ["cancelled", "failed"] and ended[-1][2] == 0, ended
 
 
 def test_error_metrics_count_internal_errors(faulty):
