@@ -10,8 +10,9 @@ tests/fault_server.py does on a real model:
 - ``FAIL_MID``: it raises after two generation steps;
 - ``HANG``: it never answers.
 
-It records its live generations (``running``) and how each one ended (``ended``), so a test can
-check that work stopped, not only that an answer came back.
+It counts the work running now (``running``: generations and embeddings) and records how each
+generation ended (``ended``), so a test can check that work stopped, not only that an answer came
+back.
 
 :func:`fake_server` serves the real app (:func:`hfserve.app.create_app`) on it through
 ``httpx.ASGITransport``; :func:`serving` starts as many as a test asks for.
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,7 +127,7 @@ class FakeBackend(Backend):
         self.step_seconds = step_seconds
         self._max_model_len = max_model_len
         self._chat_template = chat_template
-        #: generations running now
+        #: generations and embedding calls running now
         self.running = 0
         self.ended: list[Ended] = []
 
@@ -148,6 +149,14 @@ class FakeBackend(Backend):
         if HANG in text:
             await asyncio.Event().wait()
 
+    @contextlib.contextmanager
+    def _counted(self) -> Iterator[None]:
+        self.running += 1
+        try:
+            yield
+        finally:
+            self.running -= 1
+
     # generation ------------------------------------------------------
     def _logprob(self, tid: int, k: int) -> TokenLogprob:
         top = [((tid + j) % 256, self._text([(tid + j) % 256]), -1.0 - j) for j in range(k)]
@@ -158,43 +167,43 @@ class FakeBackend(Backend):
     ) -> AsyncIterator[list[SequenceDelta]]:
         text = self._text(prompt_ids)
         echo = [t for t in prompt_ids if t < 256] or list(b"x")
-        self.running += 1
         steps, how = 0, "failed"
         try:
-            await self._faults(text)
-            prompt_lps: list[TokenLogprob | None] | None = None
-            if params.prompt_logprobs is not None:
-                prompt_lps = [None] + [self._logprob(t, params.prompt_logprobs) for t in prompt_ids[1:]]
-            for step in range(params.max_tokens):
-                await asyncio.sleep(self.step_seconds)
-                if FAIL_MID in text and step == FAIL_MID_STEP:
-                    raise KeyError("mid-stream failure at /secret/fake_backend.py")
-                tid = echo[step % len(echo)]
-                last = step == params.max_tokens - 1
-                yield [
-                    SequenceDelta(
-                        index=i,
-                        text=self._text([tid]),
-                        token_ids=[tid],
-                        logprobs=None if params.logprobs is None else [self._logprob(tid, params.logprobs)],
-                        finish_reason="length" if last else None,
-                        prompt_logprobs=prompt_lps if step == 0 else None,
-                    )
-                    for i in range(params.n)
-                ]
-                steps += 1
+            with self._counted():
+                await self._faults(text)
+                prompt_lps: list[TokenLogprob | None] | None = None
+                if params.prompt_logprobs is not None:
+                    prompt_lps = [None] + [self._logprob(t, params.prompt_logprobs) for t in prompt_ids[1:]]
+                for step in range(params.max_tokens):
+                    await asyncio.sleep(self.step_seconds)
+                    if FAIL_MID in text and step == FAIL_MID_STEP:
+                        raise KeyError("mid-stream failure at /secret/fake_backend.py")
+                    tid = echo[step % len(echo)]
+                    last = step == params.max_tokens - 1
+                    yield [
+                        SequenceDelta(
+                            index=i,
+                            text=self._text([tid]),
+                            token_ids=[tid],
+                            logprobs=None if params.logprobs is None else [self._logprob(tid, params.logprobs)],
+                            finish_reason="length" if last else None,
+                            prompt_logprobs=prompt_lps if step == 0 else None,
+                        )
+                        for i in range(params.n)
+                    ]
+                    steps += 1
             how = "finished"
         except (asyncio.CancelledError, GeneratorExit):
             how = "cancelled"
             raise
         finally:
-            self.running -= 1
             self.ended.append(Ended(request_id, text, steps, how))
 
     # encoder tasks -----------------------------------------------------
     async def embed(self, inputs: list[list[int]]) -> list[list[float]]:
-        for ids in inputs:
-            await self._faults(self._text(ids))
+        with self._counted():
+            for ids in inputs:
+                await self._faults(self._text(ids))
         return [[float((sum(ids) * (j + 1)) % 17 + 1) for j in range(EMBEDDING_DIM)] for ids in inputs]
 
     async def classify(self, inputs: list[list[int]]) -> list[list[float]]:

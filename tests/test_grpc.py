@@ -22,11 +22,11 @@ import grpc
 import httpx
 import numpy as np
 import pytest
-
-from tests.conftest import needs_vllm
 import tritonclient.grpc as tg
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
+
+from tests.conftest import needs_vllm
 
 INPUT = "input-0"
 OUTPUT = "output-0"
