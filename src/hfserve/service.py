@@ -278,8 +278,8 @@ async def run_all(work: Sequence[Awaitable[T]]) -> list[T]:
     request that asked for it. (``asyncio.gather`` leaves the others running when one
     fails; ``asyncio.TaskGroup`` needs Python 3.11.)
     """
-    if len(work) == 1:
-        return [await work[0]]
+    if len(work) <= 1:
+        return [await w for w in work]
     tasks = [asyncio.ensure_future(w) for w in work]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
