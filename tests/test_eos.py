@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 
-from hfserve.generation import SamplingParams
 from hfserve.backends.huggingface import HuggingFaceBackend
 from hfserve.config import ModelConfig
+from hfserve.generation import SamplingParams
 from hfserve.service import ModelService
 
 
