@@ -506,9 +506,12 @@ class VLLMBackend(Backend):
         tasks = [asyncio.ensure_future(self._encode_one(ids)) for ids in inputs]
         try:
             return list(await asyncio.gather(*tasks))
-        finally:
-            for t in tasks:
+        finally:  # one failed or the request was cancelled: the others stop, and are waited for
+            pending = [t for t in tasks if not t.done()]
+            for t in pending:
                 t.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
 
 
 def _clean(message: str) -> str:
