@@ -26,7 +26,7 @@ from starlette.types import Receive, Scope, Send
 
 from .. import errors
 from ..error_handling import CLIENT_CLOSED, FAMILY_KEY, Family
-from ..error_handling import request_id as request_id  # the families' helper, with the rest of this module's
+from ..error_handling import request_id as request_id  # re-exported: the families import it from here
 from ..limits import TIMEOUT_HEADER, Deadline, check_api_key, deadline_of, parse_timeout
 from ..validation import parse_body
 
@@ -179,7 +179,7 @@ class RouteIndex:
 
     Starlette's router tries its routes one by one, and FastAPI since 0.165 keeps each included
     router whole (a request is matched through the included router, then again inside it), so
-    the model routes are found after some thirty regular-expression matches. The index holds
+    the model routes are found after more than twenty regular-expression matches. The index holds
     every route of the included routers with its full path (include prefix + route path), in
     the order the app's router tries them, and matches a request only against the routes whose
     path starts the way the request's does (the literal part before the first parameter). The
