@@ -247,13 +247,16 @@ async def fake_server(
     limits: LimitsConfig | None = None,
     server: ServerConfig | None = None,
     return_probabilities: bool = False,
+    truncate_inputs: bool = False,
     **backend_options: Any,
 ) -> AsyncIterator[FakeServer]:
     """Serve ``name`` on a :class:`FakeBackend` (loaded unless ``start`` is false: still loading)."""
     backend = FakeBackend(task, **backend_options)
-    service = ModelService(name, backend, return_probabilities=return_probabilities)
+    service = ModelService(name, backend, return_probabilities=return_probabilities, truncate_inputs=truncate_inputs)
     config = Config(
-        model=ModelConfig(source=name, name=name, task=task, return_probabilities=return_probabilities),
+        model=ModelConfig(
+            source=name, name=name, task=task, return_probabilities=return_probabilities, truncate_inputs=truncate_inputs
+        ),
         limits=limits or LimitsConfig(),
         server=server or ServerConfig(log_requests=False),
     )

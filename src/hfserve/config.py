@@ -63,6 +63,9 @@ class ModelConfig:
     return_token_type_ids: bool = False
     disable_lower_case: bool = False
     disable_special_tokens: bool = False
+    #: encoder inputs longer than the context length are cut to it (huggingfaceserver's behaviour)
+    #: instead of refused with ``context_length_exceeded``
+    truncate_inputs: bool = False
 
     @classmethod
     def local(cls, path: str | Path, **kwargs: Any) -> ModelConfig:

@@ -67,6 +67,13 @@ class Generation:
         return sum(len(c.token_ids) for c in self.choices)
 
 
+def cut(ids: list[int], keep: int, *, keep_end: bool) -> list[int]:
+    """The last (``keep_end``) or the first ``keep`` ids."""
+    if len(ids) <= keep:
+        return ids
+    return ids[len(ids) - keep :] if keep_end else ids[:keep]
+
+
 def softmax(row: list[float]) -> list[float]:
     peak = max(row)
     exps = [math.exp(x - peak) for x in row]
@@ -81,11 +88,22 @@ def argmax(row: list[float]) -> int:
 class ModelService:
     """The one model this server serves."""
 
-    def __init__(self, name: str, backend: Backend, *, return_probabilities: bool = False):
+    def __init__(
+        self,
+        name: str,
+        backend: Backend,
+        *,
+        return_probabilities: bool = False,
+        truncate_inputs: bool | None = None,
+    ):
         self.name = name
         self.backend = backend
         self.state = State.loading
         self.return_probabilities = return_probabilities
+        if truncate_inputs is None:  # the backend's model section says (``--truncate_inputs``)
+            truncate_inputs = bool(getattr(getattr(backend, "model_config", None), "truncate_inputs", False))
+        #: cut over-long encoder inputs to the context length instead of refusing them
+        self.truncate_inputs = truncate_inputs
         self.created = int(time.time())
 
     # ------------------------------------------------------------ lifecycle
@@ -161,33 +179,99 @@ class ModelService:
             # the template already holds the special tokens it wants
             return self.tokenize(text, add_special_tokens=False)
 
-    def encode_inputs(self, texts: list[str], param: str, *, refuse_empty_text: bool = False) -> list[list[int]]:
-        """Tokenize encoder inputs; over-long inputs are an error, never truncated. With
-        ``refuse_empty_text`` an empty string is an error too (OpenAI's embeddings refuse it;
-        the tokenizer would turn it into special tokens alone)."""
+    # ----------------------------------------------------------- truncation
+    def truncation(self, value: int | None, *, generative: bool, param: str = "truncate_prompt_tokens") -> int | None:
+        """A request's ``truncate_prompt_tokens`` checked: None (no truncation) or how many tokens to keep.
+
+        vLLM's meaning: -1 is the context length (less one token for the output on the
+        generation routes); otherwise from 1 to the context length. vLLM also refuses more
+        than the context length; 0 would leave an empty prompt, which is refused here."""
+        if value is None:
+            return None
+        limit = self.backend.max_model_len
+        if value == -1:
+            return max(1, limit - 1) if generative else limit
+        if not 1 <= value <= limit:
+            minus_one = "the context length less one token for the output" if generative else "the context length"
+            raise errors.InvalidRequest(
+                f"{param} ({value}) must be from 1 to the model's context length of {limit} tokens, "
+                f"or -1 for {minus_one}",
+                param=param,
+            )
+        return value
+
+    def tokenize_truncated(self, text: str, keep: int, *, keep_end: bool, add_special_tokens: bool = True) -> list[int]:
+        """``text``'s token ids, cut to at most ``keep`` tokens as the tokenizer truncates.
+
+        As ``tokenizer(text, truncation=True, max_length=keep)`` with ``truncation_side`` left
+        (``keep_end``: the last tokens of the text stay) or right (the first stay): the special
+        tokens the tokenizer adds (BOS, [CLS] ... [SEP]) are kept and the text between them is
+        cut. When ``keep`` leaves no room for the text, the ids are cut plainly (as vLLM does)."""
+        ids = self.tokenize(text, add_special_tokens=add_special_tokens)
+        if len(ids) <= keep:
+            return ids
+        if add_special_tokens:
+            content = self.tokenize(text, add_special_tokens=False)
+            added = len(ids) - len(content)
+            start = next((p for p in range(added + 1) if ids[p : p + len(content)] == content), None) if added >= 0 else None
+            if start is not None and keep >= added:
+                room = keep - added
+                kept = content[len(content) - room :] if keep_end else content[:room]
+                return ids[:start] + kept + ids[start + len(content) :]
+        return cut(ids, keep, keep_end=keep_end)
+
+    # --------------------------------------------------------- encoder inputs
+    def encode_inputs(
+        self, texts: list[str], param: str, *, refuse_empty_text: bool = False, keep: int | None = None
+    ) -> list[list[int]]:
+        """Tokenize encoder inputs. An input longer than the context length is an error, unless
+        the server truncates (``--truncate_inputs``) or the request does (``keep``: tokens to keep,
+        from :meth:`truncation`): then it is cut at its end, its special tokens kept, as
+        huggingfaceserver's tokenizer and vLLM's pooling models do. With ``refuse_empty_text``
+        an empty string is an error too (OpenAI's embeddings refuse it; the tokenizer would turn
+        it into special tokens alone)."""
         if not texts:
             raise errors.InvalidRequest(f"{param} must contain at least one input", param=param)
         indexed = len(texts) > 1 or param.endswith("s")
         if refuse_empty_text and "" in texts:
             where = f"{param}.{texts.index('')}" if indexed else param
             raise errors.InvalidRequest(f"{where} is an empty string; send some text", param=where)
-        inputs = [self.tokenize(text) for text in texts]
-        return self.check_inputs(inputs, param, indexed=indexed)
+        keep = self._encoder_keep(keep)
+        if keep is None:
+            inputs = [self.tokenize(text) for text in texts]
+        else:
+            inputs = [self.tokenize_truncated(text, keep, keep_end=False) for text in texts]
+        return self.check_inputs(inputs, param, indexed=indexed, keep=keep)
 
-    def check_inputs(self, inputs: list[list[int]], param: str, *, indexed: bool = True) -> list[list[int]]:
-        """Encoder inputs as token ids: none empty, none longer than the context length."""
+    def check_inputs(
+        self, inputs: list[list[int]], param: str, *, indexed: bool = True, keep: int | None = None
+    ) -> list[list[int]]:
+        """Encoder inputs as token ids: none empty, none longer than the context length (those
+        given as token ids are cut to their first ``keep`` ids, or to the context length under
+        ``--truncate_inputs``, instead)."""
+        keep = self._encoder_keep(keep)
         limit = self.backend.max_model_len
+        out = []
         for i, ids in enumerate(inputs):
             where = f"{param}.{i}" if indexed else param
             if not ids:
                 raise errors.InvalidRequest("an input must not be empty", param=where)
+            if keep is not None:
+                ids = cut(ids, keep, keep_end=False)
             if len(ids) > limit:
                 raise errors.ContextLengthExceeded(
                     f"Input {i} is {len(ids)} tokens long, more than the model's context length of "
                     f"{limit} tokens; shorten it",
                     param=where,
                 )
-        return inputs
+            out.append(ids)
+        return out
+
+    def _encoder_keep(self, keep: int | None) -> int | None:
+        """The request's truncation, else the server's (the context length), else none."""
+        if keep is None and self.truncate_inputs:
+            return self.backend.max_model_len
+        return keep
 
     # ------------------------------------------------------------ generation
     def sampling_params(self, opts: SamplingOptions, prompt_tokens: int, **options: Any) -> SamplingParams:

@@ -33,7 +33,7 @@ from .. import errors
 from ..chat import ChatMessage
 from ..generation import SequenceDelta, TokenLogprob
 from ..sampling import SamplingOptions
-from ..service import ModelService, merge
+from ..service import ModelService, cut, merge
 from ..tasks import Task
 from .routing import ContractRoute, JSONResponse, json_schema_body, read_json, request_id, sse, sse_response, until_disconnect
 
@@ -61,6 +61,16 @@ DONE = sse("[DONE]")
 
 
 # ------------------------------------------------------------------- requests
+#: vLLM's per-request truncation (its range is checked by the service, with the limit in the message)
+TruncatePromptTokens = Annotated[
+    int | None,
+    Field(
+        description="keep only this many prompt tokens (the last ones; embeddings: the first ones), or -1 for "
+        "the model's context length; the special tokens the tokenizer adds are kept"
+    ),
+]
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     include_usage: bool = False
@@ -76,6 +86,7 @@ class CompletionRequest(SamplingOptions):
     stream_options: StreamOptions | None = None
     best_of: Annotated[int, Field(ge=1)] | None = None
     suffix: str | None = None
+    truncate_prompt_tokens: TruncatePromptTokens = None
 
 
 class ResponseFormat(BaseModel):
@@ -103,6 +114,7 @@ class ChatCompletionRequest(SamplingOptions):
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    truncate_prompt_tokens: TruncatePromptTokens = None
 
 
 class EmbeddingRequest(BaseModel):
@@ -112,6 +124,7 @@ class EmbeddingRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: Annotated[int, Field(ge=1)] | None = None
     user: str | None = None
+    truncate_prompt_tokens: TruncatePromptTokens = None
 
 
 # ------------------------------------------------------------------- helpers
@@ -123,25 +136,42 @@ def _check_model(service: ModelService, name: str) -> None:
     service.check_name(name, param="model")
 
 
-def _prompts(service: ModelService, prompt: str | list[str] | list[int] | list[list[int]]) -> list[tuple[list[int], str]]:
-    """Each prompt as (token ids, text)."""
+def _prompts(
+    service: ModelService, prompt: str | list[str] | list[int] | list[list[int]], keep: int | None = None
+) -> list[tuple[list[int], str]]:
+    """Each prompt as (token ids, text), cut to its last ``keep`` tokens (``truncate_prompt_tokens``)."""
     if isinstance(prompt, str):
-        return [(service.tokenize(prompt), prompt)]
+        return [_text_prompt(service, prompt, keep)]
     if not prompt:
         raise errors.InvalidRequest("prompt must not be empty", param="prompt")
     # the schema admits a list of one kind only: texts, token ids, or lists of token ids
     if all(isinstance(p, str) for p in prompt):
-        return [(service.tokenize(p), p) for p in cast("list[str]", prompt)]
+        return [_text_prompt(service, p, keep) for p in cast("list[str]", prompt)]
     if all(isinstance(p, int) for p in prompt):
         ids = service.check_token_ids(list(cast("list[int]", prompt)), "prompt")
-        return [(ids, service.tokenizer.decode(ids))]
+        return [_ids_prompt(service, ids, keep)]
     out = []
     for i, token_ids in enumerate(cast("list[list[int]]", prompt)):
         if not token_ids:
             raise errors.InvalidRequest("a token-id prompt must not be empty", param=f"prompt.{i}")
         ids = service.check_token_ids(list(token_ids), f"prompt.{i}")
-        out.append((ids, service.tokenizer.decode(ids)))
+        out.append(_ids_prompt(service, ids, keep))
     return out
+
+
+def _text_prompt(service: ModelService, text: str, keep: int | None) -> tuple[list[int], str]:
+    ids = service.tokenize(text)
+    if keep is None or len(ids) <= keep:
+        return ids, text
+    ids = service.tokenize_truncated(text, keep, keep_end=True)
+    # cut: echo returns the text the model saw
+    return ids, service.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _ids_prompt(service: ModelService, ids: list[int], keep: int | None) -> tuple[list[int], str]:
+    if keep is not None:
+        ids = cut(ids, keep, keep_end=True)
+    return ids, service.tokenizer.decode(ids)
 
 
 def _check_stream_options(body: CompletionRequest | ChatCompletionRequest) -> None:
@@ -229,7 +259,7 @@ async def create_completion(request: Request) -> Response:
             f"best_of ({body.best_of}) different from n ({body.n}) is not supported; remove best_of", param="best_of"
         )
     _check_stream_options(body)
-    prompts = _prompts(service, body.prompt)
+    prompts = _prompts(service, body.prompt, service.truncation(body.truncate_prompt_tokens, generative=True))
     want_prompt_lp = body.logprobs if (body.echo and body.logprobs is not None) else None
     params = [
         service.sampling_params(
@@ -402,6 +432,9 @@ async def create_chat_completion(request: Request) -> Response:
         continue_final_message=body.continue_final_message,
         template_kwargs=body.chat_template_kwargs,
     )
+    keep = service.truncation(body.truncate_prompt_tokens, generative=True)
+    if keep is not None:  # the rendered prompt's last tokens (its template's tokens included), as vLLM cuts it
+        prompt_ids = cut(prompt_ids, keep, keep_end=True)
     k = body.top_logprobs or 0
     max_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     params = service.sampling_params(
@@ -502,16 +535,19 @@ async def create_embeddings(request: Request) -> Response:
     _check_model(service, body.model)
     service.require("the embeddings route", Task.text_embedding)
     inp = body.input
+    # over-long inputs: cut to the request's truncate_prompt_tokens, else as the server says
+    keep = service.truncation(body.truncate_prompt_tokens, generative=False)
     # the schema admits a list of one kind only: texts, token ids, or lists of token ids
     if isinstance(inp, str):
-        inputs = service.encode_inputs([inp], "input", refuse_empty_text=True)
+        inputs = service.encode_inputs([inp], "input", refuse_empty_text=True, keep=keep)
     elif inp and all(isinstance(x, str) for x in inp):
-        inputs = service.encode_inputs(list(cast("list[str]", inp)), "input", refuse_empty_text=True)
+        inputs = service.encode_inputs(list(cast("list[str]", inp)), "input", refuse_empty_text=True, keep=keep)
     elif inp and all(isinstance(x, int) for x in inp):
-        inputs = service.check_inputs([service.check_token_ids(list(cast("list[int]", inp)), "input")], "input")
+        ids = service.check_token_ids(list(cast("list[int]", inp)), "input")
+        inputs = service.check_inputs([ids], "input", keep=keep)
     elif inp:
         ids_lists = [service.check_token_ids(list(x), f"input.{i}") for i, x in enumerate(cast("list[list[int]]", inp))]
-        inputs = service.check_inputs(ids_lists, "input")
+        inputs = service.check_inputs(ids_lists, "input", keep=keep)
     else:
         raise errors.InvalidRequest("input must not be empty", param="input")
     vectors = await until_disconnect(request, service.embed(inputs))
