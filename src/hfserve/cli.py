@@ -27,6 +27,7 @@ from .config import (
     ModelConfig,
     ServerConfig,
 )
+from .storage import StorageError, is_uri, localize
 from .tasks import Task, TaskInferenceError, infer_task, parse_task
 
 DTYPES = ("auto", "float16", "float32", "bfloat16", "float", "half")
@@ -103,6 +104,20 @@ def _fail(message: str) -> NoReturn:
     raise SystemExit(2)
 
 
+def _localize(uri: str) -> str:
+    """A storage URI's local copy (downloaded and logged; one-line error and exit 2 on failure)."""
+    from .server import configure_logging
+
+    configure_logging()  # the download's progress is logged before the server starts
+    try:
+        local = localize(uri)
+    except StorageError as exc:
+        _fail(str(exc))
+    if not (local / "config.json").is_file():
+        _fail(f"{uri} ({local}) has no config.json; is it a Hugging Face model directory?")
+    return str(local)
+
+
 def resolve(args: argparse.Namespace) -> Config:
     """Check the flags against each other and the file system (exit 2 on a problem)."""
     if args.model_id and args.model_dir:
@@ -144,10 +159,14 @@ def resolve(args: argparse.Namespace) -> Config:
     local_dir: Path | None = None
     if args.model_id:
         model = args.model_id
+        if is_uri(model):
+            _fail(f"--model_id {model} is a storage URI; pass storage URIs with --model_dir (--model_id takes a Hub id or a local directory)")
         if Path(model).is_dir():
             local_dir = Path(model)
     else:
         model = args.model_dir or DEFAULT_MODEL_DIR
+        if is_uri(model):
+            model = _localize(model)
         local_dir = Path(model)
         if not local_dir.is_dir():
             _fail(f"model directory {model} does not exist; pass --model_dir DIR or --model_id HUB_ID")
