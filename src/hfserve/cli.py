@@ -178,7 +178,7 @@ def resolve(args: argparse.Namespace) -> Config:
         except (OSError, ValueError) as exc:
             _fail(f"cannot read {local_dir / 'config.json'}: {exc}")
         try:
-            task = infer_task(config.get("architectures"), local_dir)
+            task = infer_task(config, local_dir)
         except TaskInferenceError as exc:
             _fail(str(exc))
     if args.return_probabilities and task is not None and task not in (

@@ -44,7 +44,14 @@ import transformers
 from .. import errors
 from ..config import BatchingConfig, ModelConfig
 from ..generation import Capabilities, SamplingParams, SequenceDelta
-from ..tasks import Task, TaskInferenceError, infer_task, sentence_transformers_max_len, sentence_transformers_pooling
+from ..tasks import (
+    Task,
+    TaskInferenceError,
+    infer_task,
+    sentence_transformers_max_len,
+    sentence_transformers_pooling,
+    text_generation_auto_class,
+)
 from .base import Backend, resolve_dtype
 from .batching import BatchWindow, MicroBatcher
 from .encoders import EncoderTasks
@@ -126,7 +133,7 @@ class HuggingFaceBackend(Backend):
             raise BackendLoadError(f"cannot load the model config from {self.model_path}: {exc}") from None
         local_dir = Path(self.model_path) if Path(self.model_path).is_dir() else None
         try:
-            self.task = self.requested_task or infer_task(getattr(self.config, "architectures", None), local_dir)
+            self.task = self.requested_task or infer_task(self.config.to_dict(), local_dir)
         except TaskInferenceError as exc:
             raise BackendLoadError(str(exc)) from None
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(
@@ -134,7 +141,10 @@ class HuggingFaceBackend(Backend):
         )
         device = self.device_name or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = self._resolve_dtype(device)
-        model_cls = getattr(transformers, _MODEL_CLASSES[self.task])
+        cls_name = _MODEL_CLASSES[self.task]
+        if self.task is Task.text_generation:  # decoder-only multimodal models (Qwen2-VL, ...) load text-only too
+            cls_name = text_generation_auto_class(self.config.to_dict())
+        model_cls = getattr(transformers, cls_name)
         try:
             self.model = model_cls.from_pretrained(self.model_path, dtype=dtype, **kwargs)
         except (OSError, ValueError) as exc:

@@ -107,7 +107,7 @@ def supports(model: ModelConfig) -> tuple[bool, str]:
     task = model.task
     if task is None:
         try:
-            task = infer_task(archs, model.local_dir)
+            task = infer_task(config, model.local_dir)
         except TaskInferenceError as exc:
             return False, str(exc)
     if task not in SUPPORTED_TASKS:
@@ -200,7 +200,7 @@ class VLLMBackend(Backend):
         task = model.task
         if task is None:
             config = _model_config(model) or {}
-            task = infer_task(config.get("architectures"), model.local_dir)
+            task = infer_task(config, model.local_dir)
         self.task = task
         if task is Task.text_embedding:
             self.pooling = _pooling(model)
