@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--return_token_type_ids", action="store_true", help="pass token type ids to encoder models")
     m.add_argument("--disable_lower_case", action="store_true", help="accepted for compatibility (tokenizers keep their own casing)")
     m.add_argument("--disable_special_tokens", action="store_true", help="accepted for compatibility (special tokens follow the tokenizer)")
+    m.add_argument("--truncate_inputs", action="store_true", help="cut encoder inputs (embeddings, classification, fill-mask) longer than the context length to it, as huggingfaceserver does, instead of answering 400 context_length_exceeded")
     s = p.add_argument_group("server")
     s.add_argument("--http_port", type=int, default=8080)
     s.add_argument("--grpc_port", type=int, default=8081)
@@ -207,6 +208,7 @@ def _config(args: argparse.Namespace, source: str, local_dir: Path | None, task:
             return_token_type_ids=args.return_token_type_ids,
             disable_lower_case=args.disable_lower_case,
             disable_special_tokens=args.disable_special_tokens,
+            truncate_inputs=args.truncate_inputs,
         ),
         server=ServerConfig(
             host=args.host,
