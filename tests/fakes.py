@@ -130,6 +130,8 @@ class FakeBackend(Backend):
         #: generations and embedding calls running now
         self.running = 0
         self.ended: list[Ended] = []
+        #: the sampling parameters of each generation, in order
+        self.params: list[SamplingParams] = []
 
     async def start(self) -> None:
         self.tokenizer = FakeTokenizer(self._chat_template)
@@ -165,6 +167,7 @@ class FakeBackend(Backend):
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str
     ) -> AsyncIterator[list[SequenceDelta]]:
+        self.params.append(params)
         text = self._text(prompt_ids)
         echo = [t for t in prompt_ids if t < 256] or list(b"x")
         steps, how = 0, "failed"
@@ -248,15 +251,30 @@ async def fake_server(
     server: ServerConfig | None = None,
     return_probabilities: bool = False,
     truncate_inputs: bool = False,
+    model_options: dict[str, Any] | None = None,
     **backend_options: Any,
 ) -> AsyncIterator[FakeServer]:
-    """Serve ``name`` on a :class:`FakeBackend` (loaded unless ``start`` is false: still loading)."""
+    """Serve ``name`` on a :class:`FakeBackend` (loaded unless ``start`` is false: still loading).
+
+    ``model_options``: more of the model section (aliases, generation config, chat template ...);
+    the generation config is ``vllm`` (none) unless they name one or a ``local_dir``."""
     backend = FakeBackend(task, **backend_options)
-    service = ModelService(name, backend, return_probabilities=return_probabilities, truncate_inputs=truncate_inputs)
+    model = ModelConfig(
+        **{
+            "source": name,
+            "name": name,
+            "task": task,
+            "return_probabilities": return_probabilities,
+            "truncate_inputs": truncate_inputs,
+            "generation_config": "auto" if "local_dir" in (model_options or {}) else "vllm",
+            **(model_options or {}),
+        }
+    )
+    service = ModelService(
+        name, backend, return_probabilities=return_probabilities, truncate_inputs=truncate_inputs, model=model
+    )
     config = Config(
-        model=ModelConfig(
-            source=name, name=name, task=task, return_probabilities=return_probabilities, truncate_inputs=truncate_inputs
-        ),
+        model=model,
         limits=limits or LimitsConfig(),
         server=server or ServerConfig(log_requests=False),
     )

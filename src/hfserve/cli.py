@@ -27,6 +27,7 @@ from .config import (
     ModelConfig,
     ServerConfig,
 )
+from .sampling import generation_defaults
 from .storage import StorageError, is_uri, localize
 from .tasks import Task, TaskInferenceError, infer_task, parse_task
 
@@ -40,6 +41,53 @@ def _bool(value: str) -> bool:
     if v in ("n", "no", "f", "false", "off", "0"):
         return False
     raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {value!r}")
+
+
+def _json_object(value: str) -> dict[str, Any]:
+    try:
+        parsed = json.loads(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {value!r} ({exc})") from None
+    if not isinstance(parsed, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {value!r}")
+    return parsed
+
+
+def _chat_template(value: str) -> str:
+    """vLLM's reading of --chat-template: a file's text, else the template itself when it looks
+    like one (has braces or a line break), else a missing file."""
+    path = Path(value).expanduser()
+    if path.is_file():
+        try:
+            return path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            _fail(f"cannot read --chat-template {value}: {exc}")
+    if any(c in value for c in "{}\n"):
+        return value
+    _fail(f"--chat-template {value} is neither a file nor a template (a template holds {{ }} or a line break)")
+
+
+def _model_defaults(args: argparse.Namespace) -> dict[str, Any]:
+    """--served-model-name, the generation config and the chat template flags, checked."""
+    names = list(args.served_model_name or [args.model_name])
+    if any(not n.strip() for n in names):
+        _fail("--served-model-name has an empty name")
+    mode = args.generation_config
+    if mode not in ("auto", "vllm") and not Path(mode).is_dir():
+        _fail(f"--generation-config {mode} is not auto, vllm or a directory")
+    try:
+        generation_defaults({}, args.override_generation_config)
+    except ValueError as exc:
+        _fail(f"--override-generation-config: {exc}")
+    return {
+        "name": names[0],
+        "aliases": tuple(dict.fromkeys(n for n in names[1:] if n != names[0])),
+        "generation_config": mode,
+        "override_generation_config": args.override_generation_config or {},
+        "chat_template": None if args.chat_template is None else _chat_template(args.chat_template),
+        "default_chat_template_kwargs": args.default_chat_template_kwargs or {},
+        "response_role": args.response_role,
+    }
 
 
 class _Parser(argparse.ArgumentParser):
@@ -70,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--disable_lower_case", action="store_true", help="accepted for compatibility (tokenizers keep their own casing)")
     m.add_argument("--disable_special_tokens", action="store_true", help="accepted for compatibility (special tokens follow the tokenizer)")
     m.add_argument("--truncate_inputs", action="store_true", help="cut encoder inputs (embeddings, classification, fill-mask) longer than the context length to it, as huggingfaceserver does, instead of answering 400 context_length_exceeded")
+    m.add_argument("--served-model-name", "--served_model_name", nargs="+", dest="served_model_name", metavar="NAME", help="names the model answers to on every API (vLLM's flag); the first is reported in responses (default: --model_name)")
+    m.add_argument("--generation-config", "--generation_config", dest="generation_config", default="auto", help="sampling defaults: auto (the model's generation_config.json), vllm (none), or a directory holding a generation_config.json")
+    m.add_argument("--override-generation-config", "--override_generation_config", dest="override_generation_config", type=_json_object, default=None, help='JSON object over the generation config\'s sampling defaults, e.g. \'{"temperature": 0.5}\'')
+    m.add_argument("--chat-template", "--chat_template", dest="chat_template", default=None, help="chat template used instead of the tokenizer's: a file, or the template itself")
+    m.add_argument("--default-chat-template-kwargs", "--default_chat_template_kwargs", dest="default_chat_template_kwargs", type=_json_object, default=None, help='JSON object of chat template arguments under each request\'s chat_template_kwargs, e.g. \'{"enable_thinking": false}\'')
+    m.add_argument("--response-role", "--response_role", dest="response_role", default="assistant", help="role of the chat completion's message when the request asks for a new one")
     s = p.add_argument_group("server")
     s.add_argument("--http_port", type=int, default=8080)
     s.add_argument("--grpc_port", type=int, default=8081)
@@ -197,7 +251,6 @@ def _config(args: argparse.Namespace, source: str, local_dir: Path | None, task:
         model=ModelConfig(
             source=source,
             local_dir=local_dir,
-            name=args.model_name,
             task=task,
             revision=args.model_revision,
             tokenizer_revision=args.tokenizer_revision,
@@ -209,6 +262,7 @@ def _config(args: argparse.Namespace, source: str, local_dir: Path | None, task:
             disable_lower_case=args.disable_lower_case,
             disable_special_tokens=args.disable_special_tokens,
             truncate_inputs=args.truncate_inputs,
+            **_model_defaults(args),
         ),
         server=ServerConfig(
             host=args.host,

@@ -50,8 +50,10 @@ class ModelConfig:
     source: str
     #: ``source`` when it is a local directory (task inference and sentence-transformers files read it)
     local_dir: Path | None = None
-    #: the name served in routes and in ``model`` fields
+    #: the name served in routes and in ``model`` fields (the one reported in responses)
     name: str = "model"
+    #: further names the model answers to on every family (``--served-model-name NAME ALIAS ...``)
+    aliases: tuple[str, ...] = ()
     #: None: inferred from the model's config when it is loaded
     task: Task | None = None
     revision: str | None = None
@@ -66,6 +68,27 @@ class ModelConfig:
     #: encoder inputs longer than the context length are cut to it (huggingfaceserver's behaviour)
     #: instead of refused with ``context_length_exceeded``
     truncate_inputs: bool = False
+    #: where the sampling defaults come from: ``auto`` (the model's generation_config.json),
+    #: ``vllm`` (none: neutral defaults) or a directory holding a generation_config.json
+    generation_config: str = "auto"
+    #: sampling defaults over the model's (``--override-generation-config``, HF names: max_new_tokens)
+    override_generation_config: Mapping[str, Any] = field(default_factory=dict)
+    #: the chat template's text, used instead of the tokenizer's (``--chat-template``)
+    chat_template: str | None = None
+    #: chat template arguments under each request's ``chat_template_kwargs``
+    default_chat_template_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    #: the role of the chat completion's message (``--response-role``)
+    response_role: str = "assistant"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "aliases", tuple(self.aliases))
+        object.__setattr__(self, "override_generation_config", _frozen_mapping(self.override_generation_config))
+        object.__setattr__(self, "default_chat_template_kwargs", _frozen_mapping(self.default_chat_template_kwargs))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every name the model answers to, the reported one first."""
+        return (self.name, *(a for a in self.aliases if a != self.name))
 
     @classmethod
     def local(cls, path: str | Path, **kwargs: Any) -> ModelConfig:

@@ -7,14 +7,51 @@ same value gets the same answer on every route and every backend.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from . import errors
 from .generation import Capabilities, SamplingParams
 
 MAX_STOP_SEQUENCES = 16
+
+#: the generation_config.json fields that give sampling defaults (vLLM's list, in vLLM's names;
+#: ``max_new_tokens`` becomes ``max_tokens``)
+GENERATION_DEFAULT_FIELDS = (
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "max_new_tokens",
+)
+#: those :class:`SamplingOptions` has no field for (kept out of the defaults in force)
+UNSUPPORTED_DEFAULTS = ("min_p",)
+PENALTIES = ("presence_penalty", "frequency_penalty", "repetition_penalty")
+
+
+def generation_defaults(config: Mapping[str, Any], override: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The sampling defaults a generation config gives, as vLLM's ``get_diff_sampling_param``:
+    ``override`` over ``config``, only the sampling fields that are set, ``max_new_tokens``
+    renamed ``max_tokens``. A value out of range is a ``ValueError`` naming it."""
+    merged = {**config, **(override or {})}
+    out: dict[str, Any] = {}
+    for name in GENERATION_DEFAULT_FIELDS:
+        value = merged.get(name)
+        if value is None:
+            continue
+        out["max_tokens" if name == "max_new_tokens" else name] = value
+    checked = {k: v for k, v in out.items() if k not in UNSUPPORTED_DEFAULTS}
+    try:
+        SamplingOptions.model_validate(checked)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ValueError(f"the generation config's sampling defaults are invalid ({problems})") from None
+    return out
 
 
 class SamplingOptions(BaseModel):
@@ -62,8 +99,12 @@ def build_params(
     prompt_logprobs: int | None = None,
     max_tokens_param: str = "max_tokens",
     max_tokens: int | None = None,
+    defaults: Mapping[str, Any] | None = None,
 ) -> SamplingParams:
     """Check ``opts`` against the model's limits and the backend's abilities.
+
+    ``defaults`` (the model's generation config, from :func:`generation_defaults`) fill in what
+    the request leaves out; its ``max_tokens`` replaces ``default_max_tokens``.
 
     Raises ``context_length_exceeded``, ``unsupported_parameter`` or
     ``invalid_request`` (with the offending ``param``) instead of silently
@@ -75,6 +116,16 @@ def build_params(
             f"the model's context length of {max_model_len} tokens; shorten the prompt",
             param="prompt" if max_tokens_param == "max_tokens" else None,
         )
+    if defaults:
+        if defaults.get("max_tokens") is not None:
+            default_max_tokens = defaults["max_tokens"]
+        unset = {
+            k: v
+            for k, v in defaults.items()
+            if k in SamplingOptions.model_fields and k != "max_tokens" and getattr(opts, k) is None
+        }
+        if unset:
+            opts = opts.model_copy(update=unset)
     room = max_model_len - prompt_tokens
     wanted = max_tokens if max_tokens is not None else opts.max_tokens
     if wanted is None:

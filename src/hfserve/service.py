@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 from . import chat, errors
 from .backends.base import Backend
+from .config import ModelConfig
 from .generation import SamplingParams, SequenceDelta, TokenLogprob
-from .sampling import SamplingOptions, build_params
+from .sampling import PENALTIES, UNSUPPORTED_DEFAULTS, SamplingOptions, build_params, generation_defaults
 from .tasks import Task
 
 logger = logging.getLogger("hfserve.service")
@@ -85,6 +88,48 @@ def argmax(row: list[float]) -> int:
     return max(range(len(row)), key=row.__getitem__)
 
 
+GENERATION_CONFIG_FILE = "generation_config.json"
+GENERATIVE_TASKS = (Task.text_generation, Task.text2text_generation)
+
+
+def read_generation_config(model: ModelConfig) -> dict[str, Any]:
+    """The model's generation_config.json (``{}`` when it has none, or under ``--generation-config vllm``).
+
+    ``model.generation_config`` is ``auto`` (the model's own: its directory, or the Hub
+    repository's file), ``vllm`` (none) or a directory. An unreadable file is a ``ValueError``."""
+    mode = model.generation_config
+    if mode == "vllm":
+        return {}
+    path: Path | None
+    if mode != "auto":
+        path = Path(mode) / GENERATION_CONFIG_FILE
+        if not path.is_file():
+            raise ValueError(f"--generation-config {mode} has no {GENERATION_CONFIG_FILE}")
+    elif model.local_dir is not None:
+        path = model.local_dir / GENERATION_CONFIG_FILE
+    else:
+        path = _hub_generation_config(model)
+    if path is None or not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a JSON object")
+    return data
+
+
+def _hub_generation_config(model: ModelConfig) -> Path | None:
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(model.source, GENERATION_CONFIG_FILE, revision=model.revision))
+    except Exception as exc:  # noqa: BLE001 - a model without the file (or offline) has no defaults
+        logger.debug("no %s for %s: %s", GENERATION_CONFIG_FILE, model.source, exc)
+        return None
+
+
 class ModelService:
     """The one model this server serves."""
 
@@ -95,9 +140,20 @@ class ModelService:
         *,
         return_probabilities: bool = False,
         truncate_inputs: bool | None = None,
+        model: ModelConfig | None = None,
     ):
         self.name = name
         self.backend = backend
+        if model is None:  # the backend's model section (names, defaults, templates)
+            model = getattr(backend, "model_config", None)
+        if not isinstance(model, ModelConfig):  # no model section: no defaults, no template
+            model = ModelConfig(source=name, name=name, generation_config="vllm")
+        self.model = model
+        #: every name the model answers to; ``name`` (the reported one) first
+        self.names = (name, *dict.fromkeys(a for a in model.aliases if a != name))
+        #: the sampling defaults in force (vLLM's names), set when the model is loaded
+        self.generation_defaults: dict[str, Any] = {}
+        self.response_role = model.response_role
         self.state = State.loading
         self.return_probabilities = return_probabilities
         if truncate_inputs is None:  # the backend's model section says (``--truncate_inputs``)
@@ -110,10 +166,29 @@ class ModelService:
     async def start(self) -> None:
         try:
             await self.backend.start()
+            if self.backend.task in GENERATIVE_TASKS:
+                self.generation_defaults = self._generation_defaults()
         except BaseException:
             self.state = State.failed
             raise
         self.state = State.ready
+
+    def _generation_defaults(self) -> dict[str, Any]:
+        """The model's generation config's sampling defaults (with the override), less those this
+        backend cannot apply (logged)."""
+        defaults = generation_defaults(read_generation_config(self.model), self.model.override_generation_config)
+        dropped = [k for k in defaults if k in UNSUPPORTED_DEFAULTS]
+        if not self.backend.capabilities.penalties:
+            dropped += [k for k in defaults if k in PENALTIES and defaults[k] != (1.0 if k == "repetition_penalty" else 0.0)]
+        for k in dropped:
+            del defaults[k]
+        if dropped:
+            logger.warning(
+                "the generation config's %s not applied: not supported by the %s backend", ", ".join(dropped), self.backend.name
+            )
+        if defaults:
+            logger.info("sampling defaults from the generation config: %s", json.dumps(defaults, sort_keys=True))
+        return defaults
 
     def begin_shutdown(self) -> None:
         """Readiness turns false at once; new requests get model_not_ready."""
@@ -144,7 +219,7 @@ class ModelService:
 
     def check_name(self, name: str | None, *, param: str | None = None) -> None:
         """Unknown model names are ``model_not_found``, checked before readiness."""
-        if name is not None and name != self.name:
+        if name is not None and name not in self.names:
             raise errors.ModelNotFound(f"Model with name {errors.echo(name)} does not exist.", param=param)
 
     def require(self, operation: str, *tasks: Task) -> None:
@@ -173,9 +248,20 @@ class ModelService:
                 )
         return ids
 
-    def render_chat(self, messages: list[chat.ChatMessage], **options: Any) -> list[int]:
+    def render_chat(
+        self,
+        messages: list[chat.ChatMessage],
+        *,
+        chat_template: str | None = None,
+        template_kwargs: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> list[int]:
+        """The prompt of a chat: the request's template, else the server's (``--chat-template``),
+        else the tokenizer's; the request's template arguments over the server's defaults."""
+        kwargs = {**self.model.default_chat_template_kwargs, **(template_kwargs or {})}
+        template = chat_template if chat_template is not None else self.model.chat_template
         with self.backend.map_exceptions():
-            text = chat.render(self.tokenizer, messages, **options)
+            text = chat.render(self.tokenizer, messages, chat_template=template, template_kwargs=kwargs, **options)
             # the template already holds the special tokens it wants
             return self.tokenize(text, add_special_tokens=False)
 
@@ -281,6 +367,7 @@ class ModelService:
             prompt_tokens=prompt_tokens,
             max_model_len=self.backend.max_model_len,
             capabilities=self.backend.capabilities,
+            defaults=self.generation_defaults,
             **options,
         )
 

@@ -417,6 +417,26 @@ def _check_chat_options(body: ChatCompletionRequest) -> None:
     _check_stream_options(body)
 
 
+def _response_role(service: ModelService, body: ChatCompletionRequest) -> str:
+    """vLLM's choice: ``--response-role`` when the prompt asks for a new message, else the role
+    of the message being continued."""
+    if body.add_generation_prompt or not body.messages:
+        return service.response_role
+    return body.messages[-1].role
+
+
+def _message(role: str, text: str) -> ChatCompletionMessage:
+    if role == "assistant":
+        return ChatCompletionMessage(role="assistant", content=text)
+    return ChatCompletionMessage.model_construct(role=role, content=text)  # another --response-role
+
+
+def _delta(role: str, text: str) -> ChoiceDelta:
+    if role in ("assistant", "developer", "system", "user", "tool"):
+        return ChoiceDelta(role=role, content=text)  # type: ignore[arg-type]
+    return ChoiceDelta.model_construct(role=role, content=text)
+
+
 @router.post("/chat/completions", openapi_extra=json_schema_body(ChatCompletionRequest), response_model=None)
 @ContractRoute.declare("openai", model_work=True)
 async def create_chat_completion(request: Request) -> Response:
@@ -454,10 +474,11 @@ async def create_chat_completion(request: Request) -> Response:
 
     gen = await until_disconnect(request, service.generate_full(prompt_ids, params, rid))
     _count_tokens(request, gen.prompt_tokens, gen.completion_tokens)
+    role = _response_role(service, body)
     choices = [
         ChatChoice(
             index=c.index,
-            message=ChatCompletionMessage(role="assistant", content=c.text),
+            message=_message(role, c.text),
             finish_reason=c.finish_reason or "length",  # type: ignore[arg-type]
             logprobs=ChoiceLogprobs(content=_chat_logprobs(c.logprobs, k)) if body.logprobs else None,
             stop_reason=c.stop_reason,  # type: ignore[call-arg]
@@ -495,10 +516,12 @@ async def _stream_chat(
         )
         return sse(c.model_dump_json(exclude_unset=True))
 
+    role = _response_role(service, body)
+
     def delta_choice(d: SequenceDelta, first: bool) -> ChunkChoice:
         return ChunkChoice(
             index=d.index,
-            delta=ChoiceDelta(role="assistant", content=d.text) if first else ChoiceDelta(content=d.text),
+            delta=_delta(role, d.text) if first else ChoiceDelta(content=d.text),
             finish_reason=d.finish_reason,  # type: ignore[arg-type]
             logprobs=ChunkLogprobs(content=_chat_logprobs(d.logprobs, k)) if body.logprobs else None,
         )
@@ -576,15 +599,21 @@ async def create_embeddings(request: Request) -> Response:
 
 
 # -------------------------------------------------------------------- models
-def _model_card(service: ModelService) -> OpenAIModel:
-    return OpenAIModel(id=service.name, created=int(service.created), object="model", owned_by="hfserve")
+def _model_card(service: ModelService) -> dict[str, Any]:
+    """The model under its reported name, with its other names and the sampling defaults in force
+    (``generation_defaults``: from its generation_config.json and ``--override-generation-config``,
+    in vLLM's names; what a request leaves out takes these values)."""
+    card = OpenAIModel(id=service.name, created=int(service.created), object="model", owned_by="hfserve").model_dump()
+    card["aliases"] = list(service.names[1:])
+    card["generation_defaults"] = dict(service.generation_defaults)
+    return card
 
 
 @router.get("/models", response_model=None)
 @ContractRoute.declare("openai")
 async def list_models(request: Request) -> Response:
     service = _service(request)
-    return JSONResponse({"object": "list", "data": [_model_card(service).model_dump()]})
+    return JSONResponse({"object": "list", "data": [_model_card(service)]})
 
 
 @router.get("/models/{model_id:path}", response_model=None)
@@ -592,4 +621,4 @@ async def list_models(request: Request) -> Response:
 async def retrieve_model(request: Request, model_id: str) -> Response:
     service = _service(request)
     _check_model(service, model_id)
-    return JSONResponse(_model_card(service).model_dump())
+    return JSONResponse(_model_card(service))
