@@ -3,14 +3,26 @@
 :func:`resolve` turns the parsed arguments into the typed :class:`~hfserve.config.Config`
 that everything below takes. Bad flags, conflicting flags, a missing model directory or an
 unsupported task end with one line on stderr and exit code 2 (no traceback).
+
+Every flag takes both spellings (``--max_model_len`` and ``--max-model-len``). When vLLM is
+installed, its own argument definitions (``vllm serve``'s parser) take the flags hfserve does
+not define; the engine arguments among them that the user gave go, under vLLM's
+``AsyncEngineArgs`` field names, into ``EngineConfig.engine_args``. An unknown flag is not an
+error (as in huggingfaceserver): the server starts and logs one warning naming it and the
+closest known flag.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
+import importlib.util
 import json
+import logging
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -90,9 +102,154 @@ def _model_defaults(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+logger = logging.getLogger("hfserve.cli")
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"hfserve: error: {message}\n")
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        """hfserve's flags (either spelling), then vLLM's for the rest; unknown flags are kept
+        for a warning (``engine_args``, ``inert_flags``, ``unknown_flags`` on the namespace)."""
+        argv = list(sys.argv[1:] if args is None else args)
+        ns, rest = self.parse_known_args(_snake_case(argv), namespace)
+        ns.engine_args, ns.inert_flags, ns.unknown_flags = _engine_flags(rest, argv, self)
+        return ns
+
+
+def _snake_case(argv: list[str]) -> list[str]:
+    """``--max-model-len=5`` -> ``--max_model_len=5`` (the flag's name only, up to a ``.`` of
+    vLLM's ``--json-arg.key value`` form; nothing after a bare ``--``)."""
+    out: list[str] = []
+    for i, arg in enumerate(argv):
+        if arg == "--":
+            return out + argv[i:]
+        if arg.startswith("--"):
+            key, eq, value = arg.partition("=")
+            head, dot, tail = key[2:].partition(".")
+            arg = "--" + head.replace("-", "_") + dot + tail + eq + value
+        out.append(arg)
+    return out
+
+
+def _canonical(flag: str) -> str:
+    return flag.partition("=")[0].lstrip("-").partition(".")[0].replace("-", "_")
+
+
+#: model-section settings hfserve's own flags hold; vLLM's spellings of them (``--no-trust-remote-code``)
+#: never override those in ``engine_args``
+SHARED_SETTINGS = frozenset({"model", "revision", "tokenizer_revision", "dtype", "max_model_len", "trust_remote_code"})
+
+#: vLLM frontend flags that an hfserve flag replaces
+FRONTEND_REPLACED = {"port": "--http_port", "uds": "--host", "disable_fastapi_docs": "--enable_docs_url"}
+
+#: without vLLM installed: common engine flags still parsed (the same Config with and without vLLM);
+#: the server names them in its start-up log as having no effect on the transformers backend
+FALLBACK_ENGINE_FLAGS: dict[str, Any] = {
+    "tensor_parallel_size": int, "pipeline_parallel_size": int, "data_parallel_size": int,
+    "gpu_memory_utilization": float, "max_num_seqs": int, "max_num_batched_tokens": int, "max_logprobs": int,
+    "seed": int, "block_size": int, "swap_space": float, "cpu_offload_gb": float, "quantization": str,
+    "kv_cache_dtype": str, "load_format": str, "tokenizer": str, "tokenizer_mode": str,
+    "distributed_executor_backend": str, "max_lora_rank": int, "max_loras": int,
+    "enforce_eager": bool, "enable_prefix_caching": bool, "enable_chunked_prefill": bool, "enable_lora": bool,
+    "disable_custom_all_reduce": bool, "enable_log_requests": bool,
+}  # fmt: skip
+
+
+def _vllm_parser() -> tuple[Any, frozenset[str]]:
+    """vLLM's own parser (``vllm serve``'s, else its engine arguments alone) and the engine fields.
+    Its ``parse_args`` keeps the flags it does not know in ``parser.extras`` instead of failing."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    try:
+        flexible = importlib.import_module("vllm.utils.argparse_utils").FlexibleArgumentParser
+    except (ImportError, AttributeError):  # older vLLM
+        flexible = importlib.import_module("vllm.utils").FlexibleArgumentParser
+    parser = flexible(prog="hfserve", allow_abbrev=False, add_help=False)
+    parser.extras = []
+    parse_known_args = parser.parse_known_args
+
+    def keep_extras(args: Any = None, namespace: Any = None) -> Any:
+        ns, extras = parse_known_args(args, namespace)
+        parser.extras = list(extras)
+        return ns, []
+
+    parser.parse_known_args = keep_extras
+    parser.error = _fail
+    make_arg_parser = None
+    for module in ("vllm.entrypoints.launchers.cli_args", "vllm.entrypoints.openai.cli_args"):
+        try:
+            make_arg_parser = importlib.import_module(module).make_arg_parser
+            break
+        except (ImportError, AttributeError):
+            continue
+    if make_arg_parser is not None:
+        make_arg_parser(parser)
+    else:
+        AsyncEngineArgs.add_cli_args(parser)
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS  # only what the user gave
+    return parser, frozenset(f.name for f in dataclasses.fields(AsyncEngineArgs))
+
+
+def _fallback_parser() -> tuple[argparse.ArgumentParser, frozenset[str]]:
+    class FallbackParser(argparse.ArgumentParser):
+        def error(self, message: str) -> NoReturn:
+            _fail(message)
+
+    parser = FallbackParser(prog="hfserve", allow_abbrev=False, add_help=False, argument_default=argparse.SUPPRESS)
+    for name, kind in FALLBACK_ENGINE_FLAGS.items():
+        if kind is bool:  # vLLM's --x / --no-x (argv is in snake_case here)
+            parser.add_argument(f"--{name}", dest=name, action="store_const", const=True)
+            parser.add_argument(f"--no_{name}", dest=name, action="store_const", const=False)
+        else:
+            parser.add_argument(f"--{name}", type=kind)
+    parser.add_argument("-tp", dest="tensor_parallel_size", type=int)
+    parser.add_argument("-pp", dest="pipeline_parallel_size", type=int)
+    return parser, frozenset(FALLBACK_ENGINE_FLAGS)
+
+
+def vllm_installed() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def _engine_flags(
+    rest: list[str], argv: list[str], own: argparse.ArgumentParser
+) -> tuple[dict[str, Any], list[str], list[tuple[str, str | None]]]:
+    """The flags hfserve's parser left: vLLM's engine arguments (by field name), vLLM flags with no
+    effect in hfserve, and unknown flags with the closest known one."""
+    if not any(arg.startswith("-") for arg in rest):
+        return {}, [], []
+    parser: Any
+    if vllm_installed():  # imported only when a flag needs it
+        parser, fields = _vllm_parser()
+        ns = parser.parse_args(rest)  # vLLM's own reading (spellings, --json-arg.key value)
+        extras: list[str] = parser.extras
+    else:
+        parser, fields = _fallback_parser()
+        ns, extras = parser.parse_known_args(rest)
+    given = vars(ns)
+    engine_args = {k: v for k, v in given.items() if k in fields and k not in SHARED_SETTINGS}
+    inert = [
+        f"--{k.replace('_', '-')}" + (f" (use {FRONTEND_REPLACED[k]})" if k in FRONTEND_REPLACED else "")
+        for k in given
+        if k not in fields and k not in ("model_tag", "help")
+    ]
+    spelled = {_canonical(a): a.partition("=")[0] for a in argv if a.startswith("-")}
+    known = {_canonical(o) for p in (own, parser) for a in p._actions for o in a.option_strings}
+    unknown: list[tuple[str, str | None]] = []
+    for arg in extras:
+        if not arg.startswith("-") or arg == "--":
+            continue
+        name = spelled.get(_canonical(arg), arg.partition("=")[0])
+        close = difflib.get_close_matches(_canonical(arg), sorted(known), n=1, cutoff=0.6)
+        suggestion = None
+        if close:
+            suggestion = "--" + (close[0].replace("_", "-") if "-" in name.lstrip("-") else close[0])
+        if all(name != u for u, _ in unknown):
+            unknown.append((name, suggestion))
+    return engine_args, inert, unknown
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,10 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     m = p.add_argument_group("model")
-    m.add_argument("--model_id", help="Hugging Face Hub model id (downloaded unless HF_HUB_OFFLINE=1)")
+    m.add_argument("--model_id", "--model", dest="model_id", help="Hugging Face Hub model id (downloaded unless HF_HUB_OFFLINE=1)")
     m.add_argument("--model_dir", help=f"local model directory (default {DEFAULT_MODEL_DIR} when no --model_id)")
     m.add_argument("--model_name", default="model", help="name the model is served under")
-    m.add_argument("--model_revision", help="Hub revision of the model")
+    m.add_argument("--model_revision", "--revision", dest="model_revision", help="Hub revision of the model")
     m.add_argument("--tokenizer_revision", help="Hub revision of the tokenizer")
     m.add_argument("--task", help="one of: " + ", ".join(t.value for t in Task) + " (inferred from the config if omitted)")
     m.add_argument("--backend", default="auto", choices=BACKENDS, help="model runtime")
@@ -129,7 +286,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--grpc_port", type=int, default=8081)
     s.add_argument("--enable_grpc", type=_bool, default=True, help="serve the Open Inference Protocol over gRPC")
     s.add_argument("--host", default="0.0.0.0", help="address to listen on")
-    s.add_argument("--workers", type=int, default=1, help="accepted for compatibility; only 1 is supported")
+    s.add_argument("--workers", type=int, default=1, help="only 1: one process serves one model (run more replicas instead)")
+    s.add_argument("--max_asyncio_workers", type=int, default=None, help="threads of the event loop's default executor (default: min(32, CPUs + 4))")
+    s.add_argument("--enable_docs_url", type=_bool, default=False, help="serve the Swagger UI at /docs")
+    s.add_argument("--configure_logging", type=_bool, default=True, help="false: leave logging as it is (no handler, no level set)")
+    s.add_argument("--log_config_file", default=None, help="a logging dictConfig, YAML or JSON, instead of hfserve's logging set-up")
+    s.add_argument("--access_log_format", default=None, help="accepted for compatibility (hfserve's access-log line has a fixed format)")
+    s.add_argument("--enable_latency_logging", type=_bool, default=True, help="accepted for compatibility (the access-log line always has the latency)")
+    s.add_argument("--max_log_len", type=int, default=None, help="accepted for compatibility (hfserve never logs prompts or outputs)")
+    s.add_argument("--grpc_max_receive_message_length", type=int, default=None, help="largest gRPC request in bytes (default: --max_request_body_bytes)")
+    s.add_argument("--grpc_max_send_message_length", type=int, default=None, help="accepted for compatibility (gRPC responses are not limited)")
+    t = p.add_argument_group("KServe transformer mode (not supported: --predictor_host is refused)")
+    t.add_argument("--predictor_host", default=None)
+    t.add_argument("--predictor_protocol", "--protocol", dest="predictor_protocol", default="v1")
+    t.add_argument("--predictor_use_ssl", type=_bool, default=False)
+    t.add_argument("--predictor_request_timeout_seconds", type=float, default=600)
+    t.add_argument("--predictor_request_retries", type=int, default=0)
+    t.add_argument("--tensor_input_names", default=None)
     s.add_argument("--max_threads", type=int, default=4, help="threads running model work")
     s.add_argument("--max_batch_size", type=int, default=32, help="most inputs (generation: sequences) sharing one forward pass (transformers backend)")
     s.add_argument("--max_batch_wait_ms", type=float, default=DEFAULT_MAX_WAIT_MS, help="longest a batch waits for more requests after its first (transformers backend)")
@@ -141,17 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--request_timeout_seconds", type=float, default=None, help="deadline of a request (x-request-timeout overrides it); then 504")
     s.add_argument("--api_key", default=os.environ.get("HFSERVE_API_KEY"), help="require 'Authorization: Bearer KEY' on model routes (or set HFSERVE_API_KEY)")
     s.add_argument("--shutdown_grace_seconds", type=float, default=30.0, help="on SIGTERM, how long in-flight requests may take to finish")
-    v = p.add_argument_group("vLLM engine")
-    v.add_argument("--tensor_parallel_size", type=int, default=1)
-    v.add_argument("--gpu_memory_utilization", type=float, default=0.9)
-    v.add_argument("--max_num_seqs", type=int, default=None)
-    v.add_argument("--enforce_eager", action="store_true")
-    v.add_argument("--max_logprobs", type=int, default=20)
+    p.epilog = (
+        "Every flag also takes its --dash-case spelling. With vLLM installed, every `vllm serve` flag "
+        "(--tensor-parallel-size, --gpu-memory-utilization, --max-num-seqs, --enforce-eager, ...) is accepted "
+        "and passed to the engine. An unknown flag is logged and ignored."
+    )
     return p
-
-
-#: flags of the "vLLM engine" group: passed to vLLM under the same name (AsyncEngineArgs fields)
-ENGINE_FLAGS = ("tensor_parallel_size", "gpu_memory_utilization", "max_num_seqs", "enforce_eager", "max_logprobs")
 
 
 def _fail(message: str) -> NoReturn:
@@ -179,6 +347,15 @@ def resolve(args: argparse.Namespace) -> Config:
         _fail("--model_id and --model_dir both name a model; give one of them")
     if args.workers != 1:
         _fail("--workers must be 1: one process serves one model (run more replicas instead)")
+    if args.predictor_host:
+        _fail("--predictor_host: KServe's transformer mode (calling a separate predictor) is not supported; hfserve serves the model itself")
+    for flag in ("max_asyncio_workers", "grpc_max_receive_message_length", "grpc_max_send_message_length"):
+        value = getattr(args, flag)
+        if value is not None and value < 1 and not (flag == "grpc_max_send_message_length" and value == -1):
+            _fail(f"--{flag} must be positive, got {value}")
+    if args.log_config_file is not None and not Path(args.log_config_file).is_file():
+        _fail(f"--log_config_file {args.log_config_file} does not exist")
+    _warn_about_flags(args)
     for flag in ("http_port", "grpc_port"):
         port = getattr(args, flag)
         if not 0 <= port <= 65535:
@@ -245,8 +422,21 @@ def resolve(args: argparse.Namespace) -> Config:
     return _config(args, model, local_dir, task)
 
 
+def _warn_about_flags(args: argparse.Namespace) -> None:
+    """One warning for the unknown flags, one for the vLLM flags that do nothing in hfserve."""
+    unknown = getattr(args, "unknown_flags", [])
+    if unknown:
+        logger.warning(
+            "ignoring unknown flags: %s",
+            "; ".join(f"{name} (did you mean {close}?)" if close else name for name, close in unknown),
+        )
+    inert = getattr(args, "inert_flags", [])
+    if inert:
+        logger.warning("vLLM server flags with no effect in hfserve: %s", ", ".join(inert))
+
+
 def _config(args: argparse.Namespace, source: str, local_dir: Path | None, task: Task | None) -> Config:
-    engine_args: dict[str, Any] = {name: getattr(args, name) for name in ENGINE_FLAGS if getattr(args, name) is not None}
+    engine_args: dict[str, Any] = dict(getattr(args, "engine_args", {}))
     return Config(
         model=ModelConfig(
             source=source,
@@ -270,6 +460,11 @@ def _config(args: argparse.Namespace, source: str, local_dir: Path | None, task:
             grpc_port=args.grpc_port,
             enable_grpc=args.enable_grpc,
             log_requests=not args.disable_log_requests,
+            max_asyncio_workers=args.max_asyncio_workers,
+            enable_docs_url=args.enable_docs_url,
+            configure_logging=args.configure_logging,
+            log_config_file=args.log_config_file,
+            grpc_max_receive_message_length=args.grpc_max_receive_message_length,
             shutdown_grace_seconds=args.shutdown_grace_seconds,
         ),
         limits=LimitsConfig(
@@ -290,8 +485,14 @@ def _config(args: argparse.Namespace, source: str, local_dir: Path | None, task:
 
 
 def main(argv: list[str] | None = None) -> None:
-    config = resolve(build_parser().parse_args(argv))
-    from .server import run
+    args = build_parser().parse_args(argv)
+    from .server import configure_logging, run
+
+    try:
+        configure_logging(args.configure_logging, args.log_config_file)  # resolve's warnings are logged
+    except ValueError as exc:
+        _fail(str(exc))
+    config = resolve(args)
 
     raise SystemExit(run(config))
 

@@ -103,6 +103,16 @@ class ServerConfig:
     grpc_port: int = 8081
     enable_grpc: bool = True
     log_requests: bool = True
+    #: threads of the event loop's default executor (None: min(32, CPUs + 4), as KServe)
+    max_asyncio_workers: int | None = None
+    #: serve the Swagger UI at ``/docs``
+    enable_docs_url: bool = False
+    #: False: hfserve sets up no logging (an embedding program's own set-up stays)
+    configure_logging: bool = True
+    #: a logging dictConfig (YAML or JSON) used instead of hfserve's set-up
+    log_config_file: str | None = None
+    #: largest gRPC request in bytes (None: ``LimitsConfig.max_request_body_bytes``)
+    grpc_max_receive_message_length: int | None = None
     shutdown_grace_seconds: float = 30.0
     #: the OpenAI routes' prefix; None: ``$KSERVE_OPENAI_ROUTE_PREFIX`` or ``openai``
     openai_prefix: str | None = None

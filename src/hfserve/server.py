@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import gc
+import importlib
+import json
 import logging
+import logging.config
+import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -23,10 +28,50 @@ logger = logging.getLogger("hfserve")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
+_logging_configured = False
+
+
+def configure_logging(enabled: bool = True, config_file: str | None = None) -> None:
+    """Set up logging once per process (later calls do nothing): ``config_file`` (a logging
+    dictConfig, YAML or JSON) when given, else lines on stderr at ``KSERVE_LOGLEVEL`` (default
+    INFO). ``enabled=False`` (``--configure_logging false``) leaves logging as it is.
+    A config file that cannot be read or applied raises ValueError."""
+    global _logging_configured
+    if _logging_configured:
+        return
+    _logging_configured = True
+    if not enabled:
+        return
+    if config_file is not None:
+        yaml = importlib.import_module("yaml")  # PyYAML: a dependency of transformers
+        try:
+            with open(config_file, encoding="utf-8") as f:
+                text = f.read()
+            settings = json.loads(text) if config_file.endswith(".json") else yaml.safe_load(text)
+            if isinstance(settings, dict):  # hfserve's loggers exist already: keep them unless the file says
+                settings.setdefault("disable_existing_loggers", False)
+            logging.config.dictConfig(settings)
+        except (OSError, ValueError, TypeError, AttributeError, KeyError, ImportError, yaml.YAMLError) as exc:
+            raise ValueError(f"--log_config_file {config_file}: {exc}") from None
+        return
+    level_name = os.environ.get("KSERVE_LOGLEVEL", "INFO").strip().upper()
+    level = logging.getLevelName(level_name)
+    logging.basicConfig(level=level if isinstance(level, int) else logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
+    if not isinstance(level, int):
+        logger.warning("KSERVE_LOGLEVEL=%s is not a log level; using INFO", level_name)
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _add_docs(app: Any) -> None:
+    """The Swagger UI at /docs (``--enable_docs_url true``), over the app's OpenAPI document."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from starlette.requests import Request
+
+    async def docs(_request: Request) -> Any:
+        return get_swagger_ui_html(openapi_url=app.openapi_url or "/openapi.json", title=f"{app.title} - Swagger UI")
+
+    app.add_route("/docs", docs, include_in_schema=False)
 
 
 class _UvicornServer(uvicorn.Server):
@@ -48,6 +93,14 @@ class Server:
             config.model.name, self.backend, return_probabilities=config.model.return_probabilities
         )
         self.app = create_app(self.service, config)
+        if config.server.enable_docs_url:
+            _add_docs(self.app)
+        if config.engine.engine_args and self.backend.name != "vllm":
+            logger.warning(
+                "vLLM engine flags with no effect on the %s backend: %s",
+                self.backend.name,
+                ", ".join(f"--{k.replace('_', '-')}" for k in config.engine.engine_args),
+            )
         self.http = _UvicornServer(
             uvicorn.Config(
                 self.app,
@@ -110,12 +163,14 @@ class Server:
                 server.host,
                 server.grpc_port,
                 self.app.state.errors,
-                max_message_bytes=limits.max_request_body_bytes,
+                max_message_bytes=server.grpc_max_receive_message_length or limits.max_request_body_bytes,
                 admission=self.app.state.admission,
                 api_key=limits.api_key,
                 request_timeout=limits.request_timeout_seconds,
             )
         loop = asyncio.get_running_loop()
+        if server.max_asyncio_workers is not None:
+            loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(max_workers=server.max_asyncio_workers))
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.shutdown, sig)
         loader = asyncio.create_task(self._load())
@@ -157,7 +212,11 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 def run(config: Config) -> int:
-    configure_logging()
+    try:
+        configure_logging(config.server.configure_logging, config.server.log_config_file)
+    except ValueError as exc:
+        sys.stderr.write(f"hfserve: error: {exc}\n")
+        return 2
     try:
         server = Server(config)
     except BackendUnavailable as exc:
