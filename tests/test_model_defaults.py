@@ -14,6 +14,7 @@ import httpx
 import pytest
 import tritonclient.grpc as tg
 
+from hfserve.chat import detect_content_format
 from hfserve.cli import build_parser, resolve
 from hfserve.generation import Capabilities
 from hfserve.sampling import generation_defaults
@@ -195,6 +196,34 @@ async def test_response_role(serve: Serve):
     assert r.json()["choices"][0]["message"]["role"] == "assistant"  # the continued message's role
 
 
+PARTS_TEMPLATE = "{% for m in messages %}{% for p in m['content'] %}({{ p['text'] }}){% endfor %}{% endfor %}"
+
+
+def test_content_format_detection():
+    assert detect_content_format(PARTS_TEMPLATE) == "openai"
+    assert detect_content_format("{% for m in messages %}{% for p in m.content | list %}{% endfor %}{% endfor %}") == "openai"
+    assert detect_content_format(TEMPLATE) == "string"
+    assert detect_content_format(TEMPLATE, "openai") == "openai"
+    assert detect_content_format(None) == "string"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("fmt, expected", [("auto", "(ab)(cd)"), ("openai", "(ab)(cd)"), ("string", "()" * 5)])
+async def test_chat_template_content_format(serve: Serve, fmt, expected):
+    s = await serve(model_options={"chat_template": PARTS_TEMPLATE, "chat_template_content_format": fmt})
+    content = [{"type": "text", "text": "ab"}, {"type": "text", "text": "cd"}]  # as a string: "ab\ncd", 5 characters
+    body = {"model": "fake", "messages": [{"role": "user", "content": content}], "max_tokens": len(expected)}
+    r = await s.post("/openai/v1/chat/completions", body)
+    assert r.json()["choices"][0]["message"]["content"] == expected
+
+
+@pytest.mark.anyio
+async def test_string_content_as_openai_parts(serve: Serve):
+    s = await serve(model_options={"chat_template": PARTS_TEMPLATE})
+    body = {"model": "fake", "messages": [{"role": "user", "content": "xy"}], "max_tokens": 4}
+    assert (await s.post("/openai/v1/chat/completions", body)).json()["choices"][0]["message"]["content"] == "(xy)"
+
+
 # ------------------------------------------------------------------------------ the flags
 def resolved(model_dir: pathlib.Path, *flags: str):
     return resolve(build_parser().parse_args(["--model_dir", str(model_dir), *flags])).model
@@ -214,9 +243,12 @@ def test_flags_in_both_spellings(models, tmp_path):
         "--chat_template", "{{ messages }}",
         "--default_chat_template_kwargs", '{"enable_thinking": false}',
         "--response_role", "bot",
+        "--chat_template_content_format", "openai",
     )  # fmt: skip
     assert (m.name, m.aliases, dict(m.override_generation_config)) == ("a", (), {"temperature": 0.5})
     assert (m.chat_template, dict(m.default_chat_template_kwargs), m.response_role) == ("{{ messages }}", {"enable_thinking": False}, "bot")
+    assert m.chat_template_content_format == "openai"
+    assert resolved(llama, "--chat-template-content-format", "string").chat_template_content_format == "string"
     m = resolved(llama, "--model_name", "x")
     assert (m.name, m.aliases, m.generation_config, m.chat_template, m.response_role) == ("x", (), "auto", None, "assistant")
 
@@ -229,6 +261,7 @@ def test_flags_in_both_spellings(models, tmp_path):
         (["--default-chat-template-kwargs", "nope"], ["JSON object"]),
         (["--chat-template", "/no/such/template.jinja"], ["--chat-template", "neither a file nor a template"]),
         (["--generation-config", "/no/such/dir"], ["--generation-config"]),
+        (["--chat-template-content-format", "xml"], ["--chat-template-content-format"]),
     ],
 )
 def test_bad_values_are_one_line_errors(models, flags, words, capsys):

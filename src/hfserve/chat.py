@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import jinja2
+import jinja2.nodes
 from pydantic import BaseModel, ConfigDict
 
 from . import errors
@@ -32,8 +33,36 @@ class ChatMessage(BaseModel):
     tool_calls: list[dict[str, Any]] | None = None
 
 
-def to_template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
-    """Flatten messages into the ``{"role", "content": str}`` form templates expect."""
+CONTENT_FORMATS = ("auto", "string", "openai")
+
+
+def detect_content_format(template: Any, wanted: str = "auto") -> str:
+    """``string`` (content as one text) or ``openai`` (content as a list of ``{"type": "text",
+    "text"}`` parts). ``auto``, as vLLM's ``--chat-template-content-format auto``: ``openai`` when
+    the template loops over a message's content, else ``string``."""
+    if wanted != "auto":
+        return wanted
+    if not isinstance(template, str):
+        return "string"
+    try:
+        ast = jinja2.Environment().parse(template)
+    except jinja2.TemplateError:
+        return "string"
+    for loop in ast.find_all(jinja2.nodes.For):
+        target = loop.iter
+        while isinstance(target, jinja2.nodes.Filter) and target.node is not None:
+            target = target.node
+        if isinstance(target, jinja2.nodes.Getitem) and isinstance(target.arg, jinja2.nodes.Const):
+            if target.arg.value == "content":
+                return "openai"
+        if isinstance(target, jinja2.nodes.Getattr) and target.attr == "content":
+            return "openai"
+    return "string"
+
+
+def to_template_messages(messages: list[ChatMessage], content_format: str = "string") -> list[dict[str, Any]]:
+    """Flatten messages into the ``{"role", "content"}`` form templates expect: content as one
+    string, or (``openai``) as a list of text parts."""
     if not messages:
         raise errors.InvalidRequest("messages must contain at least one message", param="messages")
     out = []
@@ -53,8 +82,11 @@ def to_template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
                     )
                 texts.append(part.text)
             content = "\n".join(texts)
+            parts = [{"type": "text", "text": t} for t in texts]
+        else:
+            parts = [{"type": "text", "text": content}] if content else []
         role = "system" if msg.role == "developer" else msg.role
-        entry: dict[str, Any] = {"role": role, "content": content or ""}
+        entry: dict[str, Any] = {"role": role, "content": parts if content_format == "openai" else content or ""}
         if msg.name:
             entry["name"] = msg.name
         out.append(entry)
@@ -69,9 +101,14 @@ def render(
     add_generation_prompt: bool = True,
     continue_final_message: bool = False,
     template_kwargs: dict[str, Any] | None = None,
+    content_format: str = "string",
 ) -> str:
-    """Apply the model's (or the request's) chat template; return the prompt text."""
-    flat = to_template_messages(messages)
+    """Apply the model's (or the request's) chat template; return the prompt text.
+
+    ``content_format``: how messages' content reaches the template (see :func:`detect_content_format`)."""
+    if content_format == "auto":
+        content_format = detect_content_format(chat_template or getattr(tokenizer, "chat_template", None))
+    flat = to_template_messages(messages, content_format)
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
         raise errors.InvalidRequest(
             "This model has no chat template, so it cannot serve chat completions; "

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from .chat import CONTENT_FORMATS
 from .config import (
     BACKENDS,
     DEFAULT_IDLE_MS,
@@ -99,6 +100,7 @@ def _model_defaults(args: argparse.Namespace) -> dict[str, Any]:
         "chat_template": None if args.chat_template is None else _chat_template(args.chat_template),
         "default_chat_template_kwargs": args.default_chat_template_kwargs or {},
         "response_role": args.response_role,
+        "chat_template_content_format": args.chat_template_content_format,
     }
 
 
@@ -281,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--chat-template", "--chat_template", dest="chat_template", default=None, help="chat template used instead of the tokenizer's: a file, or the template itself")
     m.add_argument("--default-chat-template-kwargs", "--default_chat_template_kwargs", dest="default_chat_template_kwargs", type=_json_object, default=None, help='JSON object of chat template arguments under each request\'s chat_template_kwargs, e.g. \'{"enable_thinking": false}\'')
     m.add_argument("--response-role", "--response_role", dest="response_role", default="assistant", help="role of the chat completion's message when the request asks for a new one")
+    m.add_argument("--chat-template-content-format", "--chat_template_content_format", dest="chat_template_content_format", default="auto", choices=CONTENT_FORMATS, help="how messages' content reaches the chat template: string (one text), openai (a list of text parts), auto (openai when the template loops over the content)")
     s = p.add_argument_group("server")
     s.add_argument("--http_port", type=int, default=8080)
     s.add_argument("--grpc_port", type=int, default=8081)

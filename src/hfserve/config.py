@@ -79,6 +79,8 @@ class ModelConfig:
     default_chat_template_kwargs: Mapping[str, Any] = field(default_factory=dict)
     #: the role of the chat completion's message (``--response-role``)
     response_role: str = "assistant"
+    #: how messages' content reaches the chat template: ``auto``, ``string`` or ``openai`` (text parts)
+    chat_template_content_format: str = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "aliases", tuple(self.aliases))

@@ -261,7 +261,14 @@ class ModelService:
         kwargs = {**self.model.default_chat_template_kwargs, **(template_kwargs or {})}
         template = chat_template if chat_template is not None else self.model.chat_template
         with self.backend.map_exceptions():
-            text = chat.render(self.tokenizer, messages, chat_template=template, template_kwargs=kwargs, **options)
+            text = chat.render(
+                self.tokenizer,
+                messages,
+                chat_template=template,
+                template_kwargs=kwargs,
+                content_format=self.model.chat_template_content_format,
+                **options,
+            )
             # the template already holds the special tokens it wants
             return self.tokenize(text, add_special_tokens=False)
 
