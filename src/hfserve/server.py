@@ -95,11 +95,12 @@ class Server:
         self.app = create_app(self.service, config)
         if config.server.enable_docs_url:
             _add_docs(self.app)
-        if config.engine.engine_args and self.backend.name != "vllm":
+        ignored = [k for k in config.engine.engine_args if k not in getattr(self.backend, "honoured_engine_args", ())]
+        if ignored and self.backend.name != "vllm":
             logger.warning(
                 "vLLM engine flags with no effect on the %s backend: %s",
                 self.backend.name,
-                ", ".join(f"--{k.replace('_', '-')}" for k in config.engine.engine_args),
+                ", ".join(f"--{k.replace('_', '-')}" for k in ignored),
             )
         self.http = _UvicornServer(
             uvicorn.Config(

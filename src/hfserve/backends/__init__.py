@@ -69,4 +69,4 @@ def create_backend(config: Config) -> Backend:
         return VLLMBackend(config.model, config.engine)
     from .huggingface import HuggingFaceBackend
 
-    return HuggingFaceBackend(config.model, config.batching)
+    return HuggingFaceBackend(config.model, config.batching, engine=config.engine)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -42,7 +43,7 @@ import torch
 import transformers
 
 from .. import errors
-from ..config import BatchingConfig, ModelConfig
+from ..config import BatchingConfig, EngineConfig, ModelConfig
 from ..generation import Capabilities, SamplingParams, SequenceDelta
 from ..tasks import (
     Task,
@@ -87,12 +88,48 @@ def _config_max_len(config: Any, tokenizer: Any) -> int | None:
     return None
 
 
-class HuggingFaceBackend(Backend):
-    name = "huggingface"
+#: the vLLM engine arguments (``EngineConfig.engine_args``) this backend honours; the others
+#: have no effect here (the server names them at start-up)
+HONOURED_ENGINE_ARGS = ("max_num_seqs", "max_logprobs", "seed", "tokenizer")
 
-    def __init__(self, model: ModelConfig, batching: BatchingConfig | None = None, *, device: str | None = None):
+#: vLLM's default ``max_logprobs``
+DEFAULT_MAX_LOGPROBS = 20
+
+
+class HuggingFaceBackend(Backend):
+    """The transformers backend.
+
+    Of the vLLM engine arguments in ``engine`` (:data:`HONOURED_ENGINE_ARGS`):
+
+    - ``max_num_seqs``: the most sequences decoding at once in the generation scheduler. It
+      replaces ``batching.max_batch_size`` for generation (as in vLLM, it is the generation
+      limit); encoder batches keep ``max_batch_size``. A single request with more sequences
+      (``n``) than that still runs, alone.
+    - ``max_logprobs``: the most ``logprobs`` a request may ask for (default 20; -1: the
+      vocabulary size); above it the request is refused (``invalid_request``).
+    - ``seed``: the seed of every request that gives none. Unlike vLLM (which seeds its
+      sampler once, so that only the whole sequence of requests since start-up repeats), each
+      unseeded request here samples as if it had sent ``seed``: the same request gives the
+      same output whatever ran before or beside it.
+    - ``tokenizer``: the path or hub id the tokenizer loads from instead of the model's (at
+      ``--tokenizer-revision`` when given).
+    """
+
+    name = "huggingface"
+    #: read by the server, which names the other engine arguments as having no effect
+    honoured_engine_args = HONOURED_ENGINE_ARGS
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        batching: BatchingConfig | None = None,
+        *,
+        engine: EngineConfig | None = None,
+        device: str | None = None,
+    ):
         super().__init__()
         batching = batching or BatchingConfig()
+        engine_args = (engine or EngineConfig()).engine_args
         self.model_config = model
         self.model_path = model.source
         self.requested_task = model.task
@@ -105,12 +142,20 @@ class HuggingFaceBackend(Backend):
         max_workers = max(1, batching.max_threads)
         max_batch_size = batching.max_batch_size
         max_batch_wait_ms, batch_idle_ms = batching.max_batch_wait_ms, batching.batch_idle_ms
-        self.capabilities = Capabilities(max_logprobs=20, max_n=16, penalties=True, prompt_logprobs=True, min_tokens=True)
+        self.tokenizer_path: str = str(engine_args.get("tokenizer") or self.model_path)
+        self.default_seed: int | None = None if engine_args.get("seed") is None else int(engine_args["seed"])
+        self.max_logprobs = int(engine_args.get("max_logprobs", DEFAULT_MAX_LOGPROBS))
+        self.capabilities = Capabilities(
+            max_logprobs=max(self.max_logprobs, 0), max_n=16, penalties=True, prompt_logprobs=True, min_tokens=True
+        )
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="hf-model")
         self.model: Any = None
         self.config: Any = None
         self.device: torch.device | None = None
         self.max_batch_size = max(1, int(max_batch_size))
+        max_num_seqs = engine_args.get("max_num_seqs")
+        #: the most sequences decoding at once (``max_num_seqs``, else ``max_batch_size``)
+        self.max_num_seqs = self.max_batch_size if max_num_seqs is None else max(1, int(max_num_seqs))
         self.window = BatchWindow.from_ms(max_batch_wait_ms, batch_idle_ms)
         #: counters for tests and benchmarks: encoder forward passes, generation prefills and decode steps
         self.stats: dict[str, int] = {"encoder_forwards": 0, "prefills": 0, "decode_steps": 0, "max_rows": 0}
@@ -136,9 +181,20 @@ class HuggingFaceBackend(Backend):
             self.task = self.requested_task or infer_task(self.config.to_dict(), local_dir)
         except TaskInferenceError as exc:
             raise BackendLoadError(str(exc)) from None
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(
-            self.model_path, revision=self.tokenizer_revision or self.revision, trust_remote_code=self.trust_remote_code
-        )
+        own = self.tokenizer_path == str(self.model_path)
+        tokenizer_revision = self.tokenizer_revision or (self.revision if own else None)
+        try:
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(
+                self.tokenizer_path,
+                revision=tokenizer_revision,
+                trust_remote_code=self.trust_remote_code,
+            )
+        except (OSError, ValueError) as exc:
+            if own:
+                raise
+            raise BackendLoadError(f"cannot load the tokenizer from {self.tokenizer_path}: {exc}") from None
+        if self.max_logprobs < 0:  # vLLM's -1: no limit below the vocabulary
+            self.capabilities = dataclasses.replace(self.capabilities, max_logprobs=len(self.tokenizer))
         device = self.device_name or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = self._resolve_dtype(device)
         cls_name = _MODEL_CLASSES[self.task]
@@ -186,7 +242,7 @@ class HuggingFaceBackend(Backend):
                 pad_token_id=pad_token_id,
                 detokenizer=self.detokenizer_factory(),  # chosen now, on a worker thread, not on the decode thread
                 token_text=self.token_text,
-                max_batch_size=self.max_batch_size,
+                max_batch_size=self.max_num_seqs,
                 window=self.window,
                 stats=self.stats,
             )
@@ -256,7 +312,10 @@ class HuggingFaceBackend(Backend):
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str
     ) -> AsyncIterator[list[SequenceDelta]]:
-        """The scheduler's deltas for this request; its own failure comes out as a contract error."""
+        """The scheduler's deltas for this request; its own failure comes out as a contract error.
+        A request without a seed gets the server's (``--seed``), if any."""
+        if params.seed is None and self.default_seed is not None:
+            params = dataclasses.replace(params, seed=self.default_seed)
         stream = self._generation().generate(prompt_ids, params, request_id)
         async with contextlib.aclosing(stream):
             with self.map_exceptions(request_id):
