@@ -273,9 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--max_model_len", "--max_length", dest="max_model_len", type=int, help="context length (default: from the model config)")
     m.add_argument("--trust_remote_code", action="store_true", help="allow custom model code from the Hub")
     m.add_argument("--return_probabilities", action="store_true", help="classification tasks return probabilities instead of class ids")
+    m.add_argument("--return_raw_logits", action="store_true", help="classification and fill-mask tasks return the raw logits (exclusive with --return_probabilities)")
+    m.add_argument("--return_offsets_mapping", action="store_true", help="token classification also returns each token's start and end character offsets (v1 offset_mapping, v2 output offset_mapping)")
     m.add_argument("--return_token_type_ids", action="store_true", help="pass token type ids to encoder models")
-    m.add_argument("--disable_lower_case", action="store_true", help="accepted for compatibility (tokenizers keep their own casing)")
-    m.add_argument("--disable_special_tokens", action="store_true", help="accepted for compatibility (special tokens follow the tokenizer)")
+    m.add_argument("--disable_lower_case", action="store_true", help="load the tokenizer with do_lower_case=False (transformers backend)")
+    m.add_argument("--disable_special_tokens", action="store_true", help="encode encoder inputs without the tokenizer's special tokens ([CLS], [SEP])")
     m.add_argument("--truncate_inputs", action="store_true", help="cut encoder inputs (embeddings, classification, fill-mask) longer than the context length to it, as huggingfaceserver does, instead of answering 400 context_length_exceeded")
     m.add_argument("--served-model-name", "--served_model_name", nargs="+", dest="served_model_name", metavar="NAME", help="names the model answers to on every API (vLLM's flag); the first is reported in responses (default: --model_name)")
     m.add_argument("--generation-config", "--generation_config", dest="generation_config", default="auto", help="sampling defaults: auto (the model's generation_config.json), vllm (none), or a directory holding a generation_config.json")
@@ -422,6 +424,16 @@ def resolve(args: argparse.Namespace) -> Config:
         Task.fill_mask,
     ):
         _fail(f"--return_probabilities applies to classification and fill-mask models, not to {task.label}")
+    if args.return_raw_logits and args.return_probabilities:
+        _fail("--return_raw_logits and --return_probabilities are exclusive; give one")
+    if args.return_raw_logits and task is not None and task not in (
+        Task.sequence_classification,
+        Task.token_classification,
+        Task.fill_mask,
+    ):
+        _fail(f"--return_raw_logits applies to classification and fill-mask models, not to {task.label}")
+    if args.return_offsets_mapping and task is not None and task is not Task.token_classification:
+        _fail(f"--return_offsets_mapping applies to token classification models, not to {task.label}")
     return _config(args, model, local_dir, task)
 
 
@@ -451,6 +463,8 @@ def _config(args: argparse.Namespace, source: str, local_dir: Path | None, task:
             max_model_len=args.max_model_len,
             trust_remote_code=args.trust_remote_code,
             return_probabilities=args.return_probabilities,
+            return_raw_logits=args.return_raw_logits,
+            return_offsets_mapping=args.return_offsets_mapping,
             return_token_type_ids=args.return_token_type_ids,
             disable_lower_case=args.disable_lower_case,
             disable_special_tokens=args.disable_special_tokens,

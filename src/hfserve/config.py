@@ -62,6 +62,10 @@ class ModelConfig:
     max_model_len: int | None = None
     trust_remote_code: bool = False
     return_probabilities: bool = False
+    #: classification and fill-mask answer the raw logits (exclusive with return_probabilities)
+    return_raw_logits: bool = False
+    #: token classification also answers each token's (start, end) character offsets
+    return_offsets_mapping: bool = False
     return_token_type_ids: bool = False
     disable_lower_case: bool = False
     disable_special_tokens: bool = False

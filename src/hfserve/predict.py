@@ -8,7 +8,7 @@ shapes follow KServe's huggingfaceserver where it defines them (see README).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -20,6 +20,8 @@ from .tasks import Task
 from .validation import validate
 
 OUTPUT_NAME = "output-0"
+#: token classification's second output under ``--return_offsets_mapping``
+OFFSETS_NAME = "offset_mapping"
 INPUT_NAME = "input-0"
 FILL_MASK_TOP_K = 5
 
@@ -42,10 +44,16 @@ class Tensor:
 class Prediction:
     predictions: list[Any]  # v1
     tensor: Tensor  # v2
+    #: further v1 response keys beside ``predictions`` (``offset_mapping``)
+    v1_extra: dict[str, Any] = field(default_factory=dict)
+    #: further v2 outputs after ``output-0`` (``offset_mapping``)
+    extra: list[Tensor] = field(default_factory=list)
 
 
-def output_spec(task: Task, return_probabilities: bool) -> tuple[str, list[int]]:
+def output_spec(task: Task, return_probabilities: bool, return_raw_logits: bool = False) -> tuple[str, list[int]]:
     """The v2 datatype and shape (-1: variable) of ``output-0`` for a task."""
+    if return_raw_logits and task in (Task.sequence_classification, Task.token_classification, Task.fill_mask):
+        return "FP32", [-1, -1] if task is Task.sequence_classification else [-1, -1, -1]
     if task.is_generative:
         return "BYTES", [-1]
     if task is Task.text_embedding:
@@ -58,13 +66,18 @@ def output_spec(task: Task, return_probabilities: bool) -> tuple[str, list[int]]
 
 
 def model_metadata(service: ModelService) -> dict[str, Any]:
-    datatype, shape = output_spec(service.task, service.return_probabilities)
+    datatype, shape = output_spec(service.task, service.return_probabilities, service.return_raw_logits)
     return {
         "name": service.name,
         "versions": ["1"],
         "platform": f"hfserve-{service.backend.name}",
         "inputs": [{"name": INPUT_NAME, "datatype": "BYTES", "shape": [-1]}],
-        "outputs": [{"name": OUTPUT_NAME, "datatype": datatype, "shape": shape}],
+        "outputs": [{"name": OUTPUT_NAME, "datatype": datatype, "shape": shape}]
+        + (
+            [{"name": OFFSETS_NAME, "datatype": "INT64", "shape": [-1, -1, 2]}]
+            if service.return_offsets_mapping and service.task is Task.token_classification
+            else []
+        ),
     }
 
 
@@ -96,9 +109,18 @@ async def predict(
     if task is Task.text_embedding:
         return _embeddings(await service.embed(inputs))
     if task is Task.sequence_classification:
+        if service.return_raw_logits:
+            return _raw_classes(await service.classify(inputs))
         return _classes(await service.classify(inputs), service.return_probabilities)
     if task is Task.token_classification:
-        return _token_classes(await service.classify_tokens(inputs), service.return_probabilities)
+        per_token = await service.classify_tokens(inputs)
+        if service.return_raw_logits:
+            result = _raw_token_classes(per_token)
+        else:
+            result = _token_classes(per_token, service.return_probabilities)
+        if service.return_offsets_mapping:
+            _add_offsets(result, service.offset_mapping(texts, inputs))
+        return result
     return await _fill_mask(service, inputs)
 
 
@@ -135,7 +157,54 @@ def _token_classes(per_token: list[list[list[float]]], probs_wanted: bool) -> Pr
     return Prediction([[row] for row in ids], Tensor(OUTPUT_NAME, "INT64", [n, 1, width], flat_ids))
 
 
+def _add_offsets(result: Prediction, offsets: list[list[tuple[int, int]]]) -> None:
+    """``--return_offsets_mapping``: v1 ``offset_mapping`` beside ``predictions`` (per input, per
+    token ``[start, end]``); v2 output ``offset_mapping`` INT64 [N, tokens, 2] (shorter inputs
+    padded with -1)."""
+    width = max(len(row) for row in offsets)
+    result.v1_extra["offset_mapping"] = [[[s, e] for s, e in row] for row in offsets]
+    flat = [x for row in offsets for pair in [*row, *[(-1, -1)] * (width - len(row))] for x in pair]
+    result.extra.append(Tensor(OFFSETS_NAME, "INT64", [len(offsets), width, 2], flat))
+
+
+def _raw_classes(logits: list[list[float]]) -> Prediction:
+    """``--return_raw_logits``: v1 ``{"0": l0, ...}`` per input (huggingfaceserver's), v2 FP32 [N, classes]."""
+    v1 = [{str(j): x for j, x in enumerate(row)} for row in logits]
+    return Prediction(v1, Tensor(OUTPUT_NAME, "FP32", [len(logits), len(logits[0])], [x for r in logits for x in r]))
+
+
+def _raw_token_classes(per_token: list[list[list[float]]]) -> Prediction:
+    """``--return_raw_logits``: v1 per input a list of ``{"0": l0, ...}`` per token (huggingfaceserver's),
+    v2 FP32 [N, tokens, classes] (shorter inputs padded with 0)."""
+    width = max(len(x) for x in per_token)
+    classes = len(per_token[0][0])
+    v1 = [[{str(j): x for j, x in enumerate(tok)} for tok in row] for row in per_token]
+    flat: list[float] = []
+    for row in per_token:
+        for tok in row:
+            flat.extend(tok)
+        flat.extend([0.0] * classes * (width - len(row)))
+    return Prediction(v1, Tensor(OUTPUT_NAME, "FP32", [len(per_token), width, classes], flat))
+
+
+async def _raw_fill_mask(service: ModelService, inputs: list[list[int]]) -> Prediction:
+    """``--return_raw_logits``: v1 per input, per mask token, ``{"id": logit}`` per vocabulary id
+    (huggingfaceserver's); v2 FP32 [N, masks, vocab] (inputs with fewer masks padded with 0)."""
+    top = await service.fill_mask(inputs, 0)
+    v1 = [[[{str(tid): x} for tid, x in mask] for mask in row] for row in top]
+    masks = max(len(row) for row in top)
+    vocab = len(top[0][0])
+    flat: list[float] = []
+    for row in top:
+        for mask in row:
+            flat.extend(x for _, x in mask)
+        flat.extend([0.0] * vocab * (masks - len(row)))
+    return Prediction(v1, Tensor(OUTPUT_NAME, "FP32", [len(top), masks, vocab], flat))
+
+
 async def _fill_mask(service: ModelService, inputs: list[list[int]]) -> Prediction:
+    if service.return_raw_logits:
+        return await _raw_fill_mask(service, inputs)
     n = len(inputs)
     probs_wanted = service.return_probabilities
     top = await service.fill_mask(inputs, FILL_MASK_TOP_K if probs_wanted else 1)

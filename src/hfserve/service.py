@@ -139,6 +139,7 @@ class ModelService:
         backend: Backend,
         *,
         return_probabilities: bool = False,
+        return_raw_logits: bool | None = None,
         truncate_inputs: bool | None = None,
         model: ModelConfig | None = None,
     ):
@@ -156,6 +157,14 @@ class ModelService:
         self.response_role = model.response_role
         self.state = State.loading
         self.return_probabilities = return_probabilities
+        if return_raw_logits is None:  # the model section says (``--return_raw_logits``)
+            return_raw_logits = model.return_raw_logits
+        #: classification and fill-mask answer raw logits
+        self.return_raw_logits = return_raw_logits
+        #: token classification also answers character offsets (``--return_offsets_mapping``)
+        self.return_offsets_mapping = model.return_offsets_mapping
+        #: encoder inputs are encoded without special tokens (``--disable_special_tokens``)
+        self.add_special_tokens = not model.disable_special_tokens
         if truncate_inputs is None:  # the backend's model section says (``--truncate_inputs``)
             truncate_inputs = bool(getattr(getattr(backend, "model_config", None), "truncate_inputs", False))
         #: cut over-long encoder inputs to the context length instead of refusing them
@@ -331,10 +340,27 @@ class ModelService:
             raise errors.InvalidRequest(f"{where} is an empty string; send some text", param=where)
         keep = self._encoder_keep(keep)
         if keep is None:
-            inputs = [self.tokenize(text) for text in texts]
+            inputs = [self.tokenize(text, add_special_tokens=self.add_special_tokens) for text in texts]
         else:
-            inputs = [self.tokenize_truncated(text, keep, keep_end=False) for text in texts]
+            inputs = [
+                self.tokenize_truncated(text, keep, keep_end=False, add_special_tokens=self.add_special_tokens)
+                for text in texts
+            ]
         return self.check_inputs(inputs, param, indexed=indexed, keep=keep)
+
+    def offset_mapping(self, texts: list[str], inputs: list[list[int]]) -> list[list[tuple[int, int]]]:
+        """Each input token's (start, end) character offsets in its text, as the tokenizer's
+        ``offset_mapping`` gives them ((0, 0) for special tokens), for ``inputs`` from
+        :meth:`encode_inputs` (a truncated input: as the tokenizer truncates it)."""
+        out = []
+        with self.backend.map_exceptions():
+            for text, ids in zip(texts, inputs, strict=True):
+                enc = self.tokenizer(
+                    text, add_special_tokens=self.add_special_tokens, return_offsets_mapping=True,
+                    truncation=True, max_length=len(ids),
+                )
+                out.append([(int(s), int(e)) for s, e in enc["offset_mapping"]])
+        return out
 
     def check_inputs(
         self, inputs: list[list[int]], param: str, *, indexed: bool = True, keep: int | None = None

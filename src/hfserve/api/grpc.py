@@ -294,6 +294,11 @@ class InferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
             )
             if raw_out is not None:
                 response.raw_output_contents.append(raw_out)
+            for tensor in result.extra:  # offset_mapping
+                more, raw_more = output_tensor(tensor, is_raw)
+                response.outputs.append(more)
+                if raw_more is not None:
+                    response.raw_output_contents.append(raw_more)
             return response
 
         return await self._call(context, rid, work)

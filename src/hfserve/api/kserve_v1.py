@@ -75,7 +75,7 @@ async def predict_route(request: Request, name: str) -> dict[str, Any]:
     service.check_ready()
     texts, key = _texts(body)
     result = await until_disconnect(request, predict(service, texts, body.parameters, request_id(request), param=key))
-    return {"predictions": result.predictions}
+    return {"predictions": result.predictions, **result.v1_extra}
 
 
 @router.post("/models/{name:model}:explain")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Annotated, Any
 
 import numpy as np
@@ -232,14 +232,21 @@ def wants_binary(req: InferenceRequest) -> bool:
     return bool((req.parameters or {}).get("binary_data_output"))
 
 
-def infer_response(service: ModelService, req_id: str, tensor: Tensor, binary: bool) -> Response:
-    out: dict[str, Any] = {"name": tensor.name, "datatype": tensor.datatype, "shape": tensor.shape}
-    body = {"id": req_id, "model_name": service.name, "model_version": "1", "outputs": [out]}
+def infer_response(
+    service: ModelService, req_id: str, tensor: Tensor, binary: bool, extra: Sequence[Tensor] = ()
+) -> Response:
+    tensors = [tensor, *extra]
+    outs: list[dict[str, Any]] = [{"name": t.name, "datatype": t.datatype, "shape": t.shape} for t in tensors]
+    body = {"id": req_id, "model_name": service.name, "model_version": "1", "outputs": outs}
     if not binary:
-        out["data"] = tensor.data
+        for out, t in zip(outs, tensors, strict=True):
+            out["data"] = t.data
         return JSONResponse(body)
-    raw = encode_bytes_tensor(tensor.data) if tensor.datatype == "BYTES" else tensor.as_numpy().tobytes()
-    out["parameters"] = {"binary_data_size": len(raw)}
+    raw = b""
+    for out, t in zip(outs, tensors, strict=True):
+        part = encode_bytes_tensor(t.data) if t.datatype == "BYTES" else t.as_numpy().tobytes()
+        out["parameters"] = {"binary_data_size": len(part)}
+        raw += part
     head = dump_json(body)
     return Response(
         head + raw, media_type="application/octet-stream", headers={BINARY_HEADER: str(len(head))}
@@ -322,7 +329,7 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
     result: Prediction = await until_disconnect(
         request, predict(service, texts, params or None, request_id(request), param="inputs.0.data")
     )
-    return infer_response(service, req.id or request_id(request), result.tensor, binary)
+    return infer_response(service, req.id or request_id(request), result.tensor, binary, result.extra)
 
 
 def _generate_options(body: GenerateRequest) -> SamplingOptions:

@@ -88,12 +88,16 @@ class EncoderTasks:
         return [logits[row, : len(seq)].tolist() for row, seq in enumerate(inputs)]
 
     def fill_mask(self, inputs: list[list[int]], top_k: int) -> list[list[list[tuple[int, float]]]]:
+        """Per input, per mask token, the ``top_k`` most probable (id, probability) pairs; with
+        ``top_k`` 0 (``--return_raw_logits``) every vocabulary id's (id, raw logit) in id order."""
         out, _ = self._forward(inputs)
         results = []
         for row, seq in enumerate(inputs):
             per_mask = []
             for pos, tid in enumerate(seq):
-                if tid == self.mask_token_id:
+                if tid == self.mask_token_id and top_k <= 0:
+                    per_mask.append(list(enumerate(out.logits[row, pos].float().tolist())))
+                elif tid == self.mask_token_id:
                     probs = torch.softmax(out.logits[row, pos].float(), dim=-1)
                     values, ids = torch.topk(probs, top_k)
                     per_mask.append(list(zip(ids.tolist(), values.tolist())))

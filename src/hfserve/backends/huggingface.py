@@ -188,6 +188,7 @@ class HuggingFaceBackend(Backend):
                 self.tokenizer_path,
                 revision=tokenizer_revision,
                 trust_remote_code=self.trust_remote_code,
+                **({"do_lower_case": False} if self.model_config.disable_lower_case else {}),  # --disable_lower_case
             )
         except (OSError, ValueError) as exc:
             if own:
