@@ -83,15 +83,16 @@ GEN = {"temperature": 0.3, "top_p": 0.9, "top_k": 5, "min_p": 0.05, "repetition_
 @pytest.mark.anyio
 async def test_generation_config_fills_what_the_request_leaves_out(serve: Serve, tmp_path):
     s = await serve(model_options={"local_dir": write_generation_config(tmp_path, **GEN), "generation_config": "auto"})
-    # the fake backend has no penalties and nobody has min_p: those are not in force
-    assert s.service.generation_defaults == {"temperature": 0.3, "top_p": 0.9, "top_k": 5, "max_tokens": 7}
+    # the fake backend has no penalties: those are not in force (min_p is, on every backend)
+    in_force = {"temperature": 0.3, "top_p": 0.9, "top_k": 5, "min_p": 0.05, "max_tokens": 7}
+    assert s.service.generation_defaults == in_force
     card = (await s.client.get("/openai/v1/models")).json()["data"][0]
-    assert card["generation_defaults"] == {"temperature": 0.3, "top_p": 0.9, "top_k": 5, "max_tokens": 7}
+    assert card["generation_defaults"] == in_force
 
     r = await s.post("/openai/v1/completions", {"model": "fake", "prompt": "hello"})
     assert r.json()["usage"]["completion_tokens"] == 7
     p = s.backend.params[-1]
-    assert (p.temperature, p.top_p, p.top_k, p.max_tokens) == (0.3, 0.9, 5, 7)
+    assert (p.temperature, p.top_p, p.top_k, p.min_p, p.max_tokens) == (0.3, 0.9, 5, 0.05, 7)
 
     body = {"model": "fake", "prompt": "hello", "temperature": 1.0, "top_p": 0.5, "top_k": -1, "max_tokens": 3}
     await s.post("/openai/v1/completions", body)
@@ -137,7 +138,7 @@ async def test_generation_config_vllm_and_override(serve: Serve, tmp_path):
 
     override = {"temperature": 0.5, "max_new_tokens": 4, "unrelated": 1}
     over = await serve(model_options={"local_dir": model, "override_generation_config": override})
-    assert over.service.generation_defaults == {"temperature": 0.5, "top_p": 0.9, "top_k": 5, "max_tokens": 4}
+    assert over.service.generation_defaults == {"temperature": 0.5, "top_p": 0.9, "top_k": 5, "min_p": 0.05, "max_tokens": 4}
     only = await serve(model_options={"local_dir": model, "generation_config": "vllm", "override_generation_config": override})
     assert only.service.generation_defaults == {"temperature": 0.5, "max_tokens": 4}
     other_dir = write_generation_config(tmp_path / "elsewhere", top_p=0.25)

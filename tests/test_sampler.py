@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from hfserve.backends import sampler
 from hfserve.generation import SamplingParams
+from tests.contract import assert_error
+from tests.fakes import serving
 
 INF = float("-inf")
 
@@ -136,3 +139,57 @@ def test_plain_greedy_is_only_the_unprocessed_argmax():
         assert not sampler.is_plain_greedy(params(temperature=0.0, **penalty), step=0)
         assert sampler.counts_tokens(params(**penalty))
     assert not sampler.counts_tokens(params())
+
+
+def test_min_p_keeps_tokens_at_least_min_p_times_the_top_one():
+    probs = torch.tensor([[0.05, 0.5, 0.15, 0.3], [0.3, 0.2, 0.05, 0.45]])
+    logits = probs.log()
+    kept = sampler.min_p_mask(logits, 0.5) > INF
+    assert kept.tolist() == [[False, True, False, True], [True, False, False, True]]  # >= 0.25, >= 0.225
+    kept = sampler.min_p_mask(logits, 0.2) > INF
+    assert kept.tolist() == [[False, True, True, True], [True, True, False, True]]  # >= 0.1, >= 0.09
+    assert (sampler.min_p_mask(logits, 1.0) > INF).tolist() == [[False, True, False, False], [False, False, False, True]]
+    assert torch.equal(sampler.min_p_mask(logits, 0.0), logits)
+    assert sampler.min_p_mask(logits, 0.5)[0, 1] == logits[0, 1]  # kept logits unchanged
+
+
+def test_min_p_applies_after_temperature_and_before_top_k_top_p():
+    logits = torch.tensor([[1.0, 2.0, 0.5, 3.0, 2.5, -1.0]] * 3)
+    p = params(temperature=0.7, min_p=0.3, top_k=4, top_p=0.9)
+    expected_logits = sampler.top_p_mask(sampler.top_k_mask(sampler.min_p_mask(logits / 0.7, 0.3), 4), 0.9)
+    gen = torch.Generator().manual_seed(11)
+    expected = torch.multinomial(torch.softmax(expected_logits, dim=-1), 1, generator=gen).view(-1).tolist()
+    assert draw(logits, p, seed=11) == expected
+    tight = params(temperature=1.0, min_p=0.9)  # only the top token survives
+    assert {t for seed in range(20) for t in draw(logits, tight, seed=seed)} == {3}
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("value", [-0.1, 1.5, "high"])
+async def test_min_p_out_of_range_is_invalid_request(value):
+    async with serving() as serve:
+        s = await serve()
+        body = {"model": "fake", "prompt": "hi", "max_tokens": 2, "min_p": value}
+        msg = assert_error(await s.post("/openai/v1/completions", body), "invalid_request", param="min_p")
+        assert "min_p" in msg
+        r = await s.post("/v1/models/fake:predict", {"instances": ["hi"], "parameters": {"min_p": value}})
+        assert_error(r, "invalid_request")
+
+
+@pytest.mark.anyio
+async def test_min_p_reaches_the_backend_on_every_family():
+    async with serving() as serve:
+        s = await serve()
+        await s.post("/openai/v1/completions", {"model": "fake", "prompt": "hi", "max_tokens": 2, "min_p": 0.2})
+        assert s.backend.params[-1].min_p == 0.2
+        await s.post("/openai/v1/chat/completions", {"model": "fake", "messages": [{"role": "user", "content": "x"}], "min_p": 1})
+        assert s.backend.params[-1].min_p == 1.0
+        await s.post("/v2/models/fake/generate", {"text_input": "hi", "parameters": {"min_p": 0.1, "max_tokens": 2}})
+        assert s.backend.params[-1].min_p == 0.1
+        await s.post("/openai/v1/completions", {"model": "fake", "prompt": "hi", "max_tokens": 2})
+        assert s.backend.params[-1].min_p == 0.0  # unset: no filter

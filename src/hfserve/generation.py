@@ -18,6 +18,7 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0: no top-k filter
+    min_p: float = 0.0  # 0: no min-p filter; else keep tokens at least min_p times as likely as the top one
     seed: int | None = None
     n: int = 1
     stop: list[str] = field(default_factory=list)

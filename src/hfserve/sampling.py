@@ -29,8 +29,8 @@ GENERATION_DEFAULT_FIELDS = (
     "min_p",
     "max_new_tokens",
 )
-#: those :class:`SamplingOptions` has no field for (kept out of the defaults in force)
-UNSUPPORTED_DEFAULTS = ("min_p",)
+#: those :class:`SamplingOptions` has no field for (kept out of the defaults in force): none now
+UNSUPPORTED_DEFAULTS: tuple[str, ...] = ()
 PENALTIES = ("presence_penalty", "frequency_penalty", "repetition_penalty")
 
 
@@ -61,6 +61,7 @@ class SamplingOptions(BaseModel):
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     top_k: Annotated[int, Field(ge=-1)] | None = None
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     seed: Annotated[int, Field(ge=-(2**63), le=2**63 - 1)] | None = None
     n: Annotated[int, Field(ge=1, le=128)] = 1
     stop: str | list[str] | None = None
@@ -170,6 +171,7 @@ def build_params(
         temperature=1.0 if opts.temperature is None else opts.temperature,
         top_p=1.0 if opts.top_p is None else opts.top_p,
         top_k=0 if opts.top_k in (None, -1) else opts.top_k,
+        min_p=opts.min_p or 0.0,
         seed=opts.seed,
         n=opts.n,
         stop=opts.stop_list(),

@@ -14,7 +14,8 @@ request it calls :func:`sample`, which is the one place where logits become toke
    vLLM and transformers), frequency and presence (over generated tokens);
 3. **min_tokens** (:func:`ban`): end-of-sequence and stop token ids are masked until
    the request has generated ``min_tokens`` tokens;
-4. **greedy** (temperature 0): the argmax; else temperature, top-k
+4. **greedy** (temperature 0): the argmax; else temperature, min-p (:func:`min_p_mask`,
+   after temperature and before top-k / top-p, as vLLM's sampler), top-k
    (:func:`top_k_mask`), top-p (:func:`top_p_mask`) and one multinomial draw per row
    from the request's own ``torch.Generator`` (:func:`new_generator`), so a seeded
    request gets the same tokens alone or batched with others.
@@ -101,6 +102,14 @@ def top_k_mask(logits: torch.Tensor, k: int) -> torch.Tensor:
     return logits.masked_fill(logits < kth, float("-inf"))
 
 
+def min_p_mask(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Every row keeps the tokens whose probability is at least ``p`` times its top token's
+    (vLLM's ``min_p``); the rest become -inf."""
+    probs = torch.softmax(logits, dim=-1)
+    threshold = p * probs.amax(dim=-1, keepdim=True)
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
 def top_p_mask(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Every row keeps the smallest set of its most likely tokens whose probability reaches ``p``."""
     sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
@@ -136,6 +145,8 @@ def sample(
     if params.greedy:
         return torch.argmax(logits, dim=-1)
     logits = logits / params.temperature
+    if params.min_p > 0.0:
+        logits = min_p_mask(logits, params.min_p)
     if params.top_k and params.top_k > 0:
         logits = top_k_mask(logits, params.top_k)
     if params.top_p < 1.0:

@@ -347,6 +347,7 @@ class VLLMBackend(Backend):
                 temperature=params.temperature,
                 top_p=params.top_p,
                 top_k=params.top_k,  # build_params makes 'no top-k' 0
+                min_p=params.min_p,
                 seed=params.seed if not params.greedy else None,
                 stop=list(params.stop),
                 stop_token_ids=list(params.stop_token_ids),
