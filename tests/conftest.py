@@ -131,3 +131,19 @@ def bert_tok(server_factory) -> ServerHandle:
 @pytest.fixture(scope="session")
 def bert_mlm(server_factory) -> ServerHandle:
     return server_factory("bert_mlm")
+
+
+# ------------------------------------------------------------------ the in-process layer (tests/fakes.py)
+@pytest.fixture
+def anyio_backend() -> str:
+    """Async tests (``@pytest.mark.anyio``) run on asyncio."""
+    return "asyncio"
+
+
+@pytest.fixture
+async def fake():
+    """``await fake(task, **options)``: the real app on a fake backend, over ASGI, for one test."""
+    from tests.fakes import serving
+
+    async with serving() as serve:
+        yield serve

@@ -26,11 +26,6 @@ pytestmark = pytest.mark.anyio
 TEXTS = ["hello world", "the cat"]
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @contextlib.asynccontextmanager
 async def serve(path: Any, **options: Any) -> AsyncIterator[httpx.AsyncClient]:
     model = ModelConfig.local(path, name="m", **options)

@@ -22,24 +22,12 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from hfserve.config import LimitsConfig
 from hfserve.tasks import Task
 from tests.contract import assert_error
-from tests.fakes import CHAT_TEMPLATE, EMBEDDING_DIM, FAIL_BEFORE, FAIL_MID, FAIL_MID_STEP, HANG, FakeServer, Serve, serving
+from tests.fakes import CHAT_TEMPLATE, EMBEDDING_DIM, FAIL_BEFORE, FAIL_MID, FAIL_MID_STEP, HANG, FakeServer
 
 pytestmark = pytest.mark.anyio
 
 LONG_TOKENS = 200
 STEP_SECONDS = 0.01  # a long generation runs LONG_TOKENS * STEP_SECONDS = 2 s unless it is stopped
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[Serve]:
-    """``await fake(task, **options)``: the app on a fake backend, for this test."""
-    async with serving() as serve:
-        yield serve
 
 
 # ----------------------------------------------------------------- the error contract

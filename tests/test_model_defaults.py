@@ -24,11 +24,6 @@ from tests.servers import start_server, stop_server
 
 
 @pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
 async def serve():
     async with serving() as s:
         yield s

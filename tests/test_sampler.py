@@ -164,11 +164,6 @@ def test_min_p_applies_after_temperature_and_before_top_k_top_p():
     assert {t for seed in range(20) for t in draw(logits, tight, seed=seed)} == {3}
 
 
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @pytest.mark.anyio
 @pytest.mark.parametrize("value", [-0.1, 1.5, "high"])
 async def test_min_p_out_of_range_is_invalid_request(value):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -27,22 +27,11 @@ import pytest
 from hfserve.tasks import Task
 from tests.conftest import needs_vllm
 from tests.contract import assert_error
-from tests.fakes import FakeTokenizer, Serve, serving
+from tests.fakes import FakeTokenizer
 from tests.servers import ServerHandle, start_server, stop_server
 
 LIMIT = 16  # the fake model's context length
 PARAM = "truncate_prompt_tokens"
-
-
-@pytest.fixture
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[Serve]:
-    async with serving() as serve:
-        yield serve
 
 
 def v2_inputs(texts: list[str]) -> dict[str, Any]:
