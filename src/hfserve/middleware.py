@@ -77,7 +77,9 @@ class ContractMiddleware:
             return
         headers = _headers(scope)
         rid = valid_request_id(headers.get("x-request-id")) or uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = rid
+        state = scope.setdefault("state", {})
+        state["request_id"] = rid
+        state["headers"] = headers  # read once: the route reads its API key and timeout from here
         metrics = self.handling.metrics
         started = time.perf_counter()
         status: dict[str, Any] = {"code": None, "sent_body_end": False, "error": None}

@@ -111,7 +111,8 @@ class ContractRoute(APIRoute):
             return
         app_state = scope["app"].state
         limits = app_state.limits
-        headers = Headers(scope=scope)
+        # the middleware's one reading of the headers (Starlette's where the app runs without it)
+        headers = state.get("headers") or Headers(scope=scope)
         if limits.api_key and not facts.public:
             check_api_key(limits.api_key, headers.get("authorization"))
         seconds = parse_timeout(headers.get(TIMEOUT_HEADER), limits.request_timeout_seconds)
