@@ -85,9 +85,18 @@ class ModelConfig:
     response_role: str = "assistant"
     #: how messages' content reaches the chat template: ``auto``, ``string`` or ``openai`` (text parts)
     chat_template_content_format: str = "auto"
+    #: ``tool_choice: auto`` is served, its output read by ``tool_call_parser`` (``--enable-auto-tool-choice``)
+    enable_auto_tool_choice: bool = False
+    #: vLLM's tool-call parser name (``hermes``, ``llama3_json``, ``mistral``, ``pythonic``...)
+    tool_call_parser: str | None = None
+    #: vLLM's reasoning parser name (``deepseek_r1``, ``qwen3``): the reasoning goes to its own field
+    reasoning_parser: str | None = None
+    #: vLLM's ``--structured-outputs-config`` (``backend``, ``disable_any_whitespace``, ...), both backends
+    structured_outputs_config: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "aliases", tuple(self.aliases))
+        object.__setattr__(self, "structured_outputs_config", _frozen_mapping(self.structured_outputs_config))
         object.__setattr__(self, "override_generation_config", _frozen_mapping(self.override_generation_config))
         object.__setattr__(self, "default_chat_template_kwargs", _frozen_mapping(self.default_chat_template_kwargs))
 

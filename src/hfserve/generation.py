@@ -8,6 +8,28 @@ API families render it; it imports nothing of hfserve's.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
+
+StructuredKind = Literal["json", "regex", "choice", "grammar", "json_object", "structural_tag"]
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on what a request may generate, in one canonical form for every backend.
+
+    ``source``: for ``json`` the JSON schema as compact JSON text with sorted keys; ``regex``
+    the pattern; ``choice`` a JSON list of the allowed strings; ``grammar`` the EBNF (GBNF)
+    text; ``json_object`` empty (any JSON object); ``structural_tag`` the structural tag as
+    JSON text. Equal constraints have equal sources, so a compiled grammar is cached by
+    ``(kind, source, disable_any_whitespace)``.
+    """
+
+    kind: StructuredKind
+    source: str = ""
+    disable_any_whitespace: bool = False
+    #: the request field it came from (``response_format.json_schema.schema``, ``structured_outputs.regex``,
+    #: ``tool_choice``...): errors a backend finds later name it
+    param: str | None = None
 
 
 @dataclass
@@ -30,6 +52,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     min_tokens: int = 0
+    structured: StructuredOutput | None = None  # constrained decoding (validated by the service)
 
     @property
     def greedy(self) -> bool:
@@ -89,3 +112,4 @@ class Capabilities:
     penalties: bool = False  # presence/frequency/repetition penalties
     prompt_logprobs: bool = True
     min_tokens: bool = False
+    structured_outputs: bool = False
