@@ -559,7 +559,7 @@ class PythonicToolParser(ToolCallParser):
             s = self._buf.lstrip()
             if s.startswith(self.END):
                 self._buf = s[len(self.END) :]
-            elif self.END.startswith(s) and s and not final:
+            elif self.END.startswith(s) and not final:
                 return False
             self._set_state("text")
             return True
