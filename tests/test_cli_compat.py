@@ -132,6 +132,10 @@ def test_vllm_server_flags_without_effect_are_named(models, caplog):
         (["--workers", "2"], ["--workers"]),
         (["--log_config_file", "/nonexistent/log.yaml"], ["--log_config_file"]),
         (["--max_asyncio_workers", "0"], ["--max_asyncio_workers"]),
+        (["--access_log_format", "%(h)s %"], ["--access_log_format", "format"]),
+        (["--tool-call-parser", "nope"], ["--tool-call-parser", "hermes"]),
+        (["--reasoning-parser", "nope"], ["--reasoning-parser", "deepseek_r1"]),
+        (["--enable-auto-tool-choice"], ["--enable-auto-tool-choice", "--tool-call-parser"]),
     ],
 )
 def test_refused_values_are_one_line(models, argv, words):
@@ -156,7 +160,8 @@ def test_model_server_flags_resolve(models):
     )  # fmt: skip
     config = resolve(args)
     assert config.server == ServerConfig(
-        max_asyncio_workers=3, enable_docs_url=True, configure_logging=False, grpc_max_receive_message_length=1000
+        max_asyncio_workers=3, enable_docs_url=True, configure_logging=False, grpc_max_receive_message_length=1000,
+        grpc_max_send_message_length=-1, access_log_format="%(h)s",
     )
 
 

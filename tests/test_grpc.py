@@ -409,14 +409,21 @@ def test_client_cancellation_cancels_the_work(llama):
 
 
 def test_message_too_large_is_resource_exhausted(server_factory):
-    """--max_request_body_bytes also bounds gRPC messages (grpc.max_receive_message_length)."""
-    small = server_factory("bert_cls", "--max_request_body_bytes", "1000", name="bert_small")
+    """--max_request_body_bytes also bounds gRPC messages (grpc.max_receive_message_length), and
+    --grpc_max_send_message_length its answers."""
+    small = server_factory(
+        "bert_cls", "--max_request_body_bytes", "1000", "--grpc_max_send_message_length", "300", name="bert_small"
+    )
     with client(small) as c:
         ok = c.infer(small.name, [bytes_input(["hi"])])
         assert ok.as_numpy(OUTPUT).shape == (1,)
         err = grpc_error(c.infer, small.name, [bytes_input(["x" * 2000])])
+        big_answer = grpc_error(c.infer, small.name, [bytes_input(["hi"] * 64)])  # 64 labels: over 300 bytes
     assert err.status() == "StatusCode.RESOURCE_EXHAUSTED"
     assert "larger than max" in err.message() and "1000" in err.message()
+    assert big_answer.status() == "StatusCode.RESOURCE_EXHAUSTED"
+    assert "300" in big_answer.message()
+    assert rest_infer(small, ["hi"] * 64).status_code == 200  # the limit is gRPC's only
     # REST gives the same class for the same limit
     rest = rest_infer(small, ["x" * 2000])
     assert rest.status_code == 413

@@ -77,5 +77,6 @@ def create_app(service: ModelService, config: Config) -> FastAPI:
         handling=handling,
         max_body_bytes=config.limits.max_request_body_bytes,
         log_requests=config.server.log_requests,
+        access_log_format=config.server.access_log_format,
     )
     return app

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from . import access_log
 from .chat import CONTENT_FORMATS
 from .config import (
     BACKENDS,
@@ -80,11 +81,30 @@ def _chat_template(value: str) -> str:
     _fail(f"--chat-template {value} is neither a file nor a template (a template holds {{ }} or a line break)")
 
 
+def _check_output_parsers(args: argparse.Namespace) -> None:
+    """--tool-call-parser and --reasoning-parser name parsers hfserve has; --enable-auto-tool-choice
+    has a tool-call parser to read the model's calls (vLLM's rule)."""
+    from . import parsers
+
+    for flag, name, lookup in (
+        ("--tool-call-parser", args.tool_call_parser, parsers.tool_call_parser),
+        ("--reasoning-parser", args.reasoning_parser, parsers.reasoning_parser),
+    ):
+        if name is not None:
+            try:
+                lookup(name)
+            except ValueError as exc:
+                _fail(f"{flag} {name}: {exc}")
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:
+        _fail("--enable-auto-tool-choice needs --tool-call-parser NAME, the parser that reads the model's tool calls")
+
+
 def _model_defaults(args: argparse.Namespace) -> dict[str, Any]:
     """--served-model-name, the generation config and the chat template flags, checked."""
     names = list(args.served_model_name or [args.model_name])
     if any(not n.strip() for n in names):
         _fail("--served-model-name has an empty name")
+    _check_output_parsers(args)
     mode = args.generation_config
     if mode not in ("auto", "vllm") and not Path(mode).is_dir():
         _fail(f"--generation-config {mode} is not auto, vllm or a directory")
@@ -304,11 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--enable_docs_url", type=_bool, default=False, help="serve the Swagger UI at /docs")
     s.add_argument("--configure_logging", type=_bool, default=True, help="false: leave logging as it is (no handler, no level set)")
     s.add_argument("--log_config_file", default=None, help="a logging dictConfig, YAML or JSON, instead of hfserve's logging set-up")
-    s.add_argument("--access_log_format", default=None, help="accepted for compatibility (hfserve's access-log line has a fixed format)")
+    s.add_argument("--access_log_format", default=None, help="the access-log line in gunicorn's format, as KServe takes it, e.g. '%%(h)s \"%%(r)s\" %%(s)s %%(L)s' (default: hfserve's line, with the request id)")
     s.add_argument("--enable_latency_logging", type=_bool, default=True, help="accepted for compatibility (the access-log line always has the latency)")
     s.add_argument("--max_log_len", type=int, default=None, help="accepted for compatibility (hfserve never logs prompts or outputs)")
     s.add_argument("--grpc_max_receive_message_length", type=int, default=None, help="largest gRPC request in bytes (default: --max_request_body_bytes)")
-    s.add_argument("--grpc_max_send_message_length", type=int, default=None, help="accepted for compatibility (gRPC responses are not limited)")
+    s.add_argument("--grpc_max_send_message_length", type=int, default=None, help="largest gRPC response in bytes; a larger answer fails with RESOURCE_EXHAUSTED (default and -1: no limit)")
     t = p.add_argument_group("KServe transformer mode (not supported: --predictor_host is refused)")
     t.add_argument("--predictor_host", default=None)
     t.add_argument("--predictor_protocol", "--protocol", dest="predictor_protocol", default="v1")
@@ -366,6 +386,11 @@ def resolve(args: argparse.Namespace) -> Config:
         value = getattr(args, flag)
         if value is not None and value < 1 and not (flag == "grpc_max_send_message_length" and value == -1):
             _fail(f"--{flag} must be positive, got {value}")
+    if args.access_log_format is not None:
+        try:
+            access_log.check_format(args.access_log_format)
+        except ValueError as exc:
+            _fail(f"--access_log_format {args.access_log_format!r}: {exc}")
     if args.log_config_file is not None and not Path(args.log_config_file).is_file():
         _fail(f"--log_config_file {args.log_config_file} does not exist")
     _warn_about_flags(args)
@@ -485,11 +510,13 @@ def _config(args: argparse.Namespace, source: str, local_dir: Path | None, task:
             grpc_port=args.grpc_port,
             enable_grpc=args.enable_grpc,
             log_requests=not args.disable_log_requests,
+            access_log_format=args.access_log_format,
             max_asyncio_workers=args.max_asyncio_workers,
             enable_docs_url=args.enable_docs_url,
             configure_logging=args.configure_logging,
             log_config_file=args.log_config_file,
             grpc_max_receive_message_length=args.grpc_max_receive_message_length,
+            grpc_max_send_message_length=args.grpc_max_send_message_length,
             shutdown_grace_seconds=args.shutdown_grace_seconds,
         ),
         limits=LimitsConfig(

@@ -118,6 +118,8 @@ class ServerConfig:
     grpc_port: int = 8081
     enable_grpc: bool = True
     log_requests: bool = True
+    #: gunicorn's access-log format (``--access_log_format``, as KServe); None: hfserve's own line
+    access_log_format: str | None = None
     #: threads of the event loop's default executor (None: min(32, CPUs + 4), as KServe)
     max_asyncio_workers: int | None = None
     #: serve the Swagger UI at ``/docs``
@@ -128,6 +130,8 @@ class ServerConfig:
     log_config_file: str | None = None
     #: largest gRPC request in bytes (None: ``LimitsConfig.max_request_body_bytes``)
     grpc_max_receive_message_length: int | None = None
+    #: largest gRPC response in bytes (None or -1: no limit); a larger answer fails with RESOURCE_EXHAUSTED
+    grpc_max_send_message_length: int | None = None
     shutdown_grace_seconds: float = 30.0
     #: the OpenAI routes' prefix; None: ``$KSERVE_OPENAI_ROUTE_PREFIX`` or ``openai``
     openai_prefix: str | None = None

@@ -16,6 +16,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from . import access_log as access_format
 from . import errors
 from .error_handling import CLIENT_CLOSED, ErrorHandling
 
@@ -65,11 +66,14 @@ class ContractMiddleware:
         handling: ErrorHandling,
         max_body_bytes: int,
         log_requests: bool = True,
+        access_log_format: str | None = None,
     ):
         self.app = app
         self.handling = handling
         self.max_body_bytes = max_body_bytes
         self.log_requests = log_requests
+        #: gunicorn's access-log format (``--access_log_format``); None: hfserve's own line
+        self.access_log_format = access_log_format
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -82,17 +86,23 @@ class ContractMiddleware:
         state["headers"] = headers  # read once: the route reads its API key and timeout from here
         metrics = self.handling.metrics
         started = time.perf_counter()
-        status: dict[str, Any] = {"code": None, "sent_body_end": False, "error": None}
+        status: dict[str, Any] = {"code": None, "sent_body_end": False, "error": None, "headers": (), "bytes": 0}
         rid_header = (b"x-request-id", rid.encode("ascii"))
+        custom_line = self.log_requests and self.access_log_format is not None
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
                 message["headers"] = [*message.get("headers", []), rid_header]
+                if custom_line:
+                    status["headers"] = message["headers"]
                 if status["code"] >= 400:
                     status["error"] = next((v for k, v in message["headers"] if k == b"x-error-code"), None)
-            elif message["type"] == "http.response.body" and not message.get("more_body", False):
-                status["sent_body_end"] = True
+            elif message["type"] == "http.response.body":
+                if custom_line:
+                    status["bytes"] += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    status["sent_body_end"] = True
             await send(message)
 
         limit = self.max_body_bytes
@@ -126,7 +136,9 @@ class ContractMiddleware:
             family = self.handling.family(scope)
             metrics.child(metrics.requests, family, str(code)).inc()
             metrics.child(metrics.latency, family).observe(elapsed)
-            if self.log_requests:
+            if custom_line:
+                access_log.info("%s", self._custom_line(scope, headers, status, code, elapsed))
+            elif self.log_requests:
                 access_log.info(
                     '%s "%s %s" %d %.1fms request_id=%s%s',
                     _client(scope),
@@ -137,6 +149,23 @@ class ContractMiddleware:
                     rid,
                     f" error={status['error'].decode('latin-1')}" if status["error"] else "",
                 )
+
+    def _custom_line(self, scope: Scope, headers: dict[str, str], status: dict[str, Any], code: int, elapsed: float) -> str:
+        assert self.access_log_format is not None
+        record = access_format.AccessRecord(
+            client=_client(scope),
+            method=scope.get("method", "-"),
+            path=scope.get("path", ""),
+            query=scope.get("query_string", b"").decode("latin-1"),
+            http_version=scope.get("http_version", "1.1"),
+            status=code,
+            request_headers=headers,
+            response_headers={k.decode("latin-1").lower(): v.decode("latin-1") for k, v in status["headers"]},
+            body_bytes=status["bytes"],
+            seconds=elapsed,
+            finished_at=time.time(),
+        )
+        return access_format.render(self.access_log_format, record)
 
     async def _respond(self, scope: Scope, receive: Receive, send: Send, rid: str, exc: BaseException) -> None:
         response = self.handling.render_for(scope, rid, exc)

@@ -165,6 +165,7 @@ class Server:
                 server.grpc_port,
                 self.app.state.errors,
                 max_message_bytes=server.grpc_max_receive_message_length or limits.max_request_body_bytes,
+                max_send_bytes=server.grpc_max_send_message_length,
                 admission=self.app.state.admission,
                 api_key=limits.api_key,
                 request_timeout=limits.request_timeout_seconds,

@@ -336,6 +336,7 @@ async def start_grpc_server(
     port: int,
     handling: ErrorHandling,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    max_send_bytes: int | None = None,
     admission: limits.Admission | None = None,
     api_key: str | None = None,
     request_timeout: float | None = None,
@@ -343,14 +344,13 @@ async def start_grpc_server(
     """Start the gRPC server in the running event loop and return it.
 
     Messages larger than ``max_message_bytes`` are refused by gRPC itself with
-    RESOURCE_EXHAUSTED before they reach a handler.
+    RESOURCE_EXHAUSTED before they reach a handler; answers larger than ``max_send_bytes``
+    (None: no limit) fail with RESOURCE_EXHAUSTED too.
     """
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.so_reuseport", 0),
-        ]
-    )
+    options: list[tuple[str, int]] = [("grpc.max_receive_message_length", max_message_bytes), ("grpc.so_reuseport", 0)]
+    if max_send_bytes is not None:
+        options.append(("grpc.max_send_message_length", max_send_bytes))
+    server = grpc.aio.server(options=options)
     pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
         InferenceServicer(service, handling, admission, api_key, request_timeout), server
     )
