@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import jinja2
+import jinja2.meta
 import jinja2.nodes
 from pydantic import BaseModel, ConfigDict
 
@@ -24,13 +27,40 @@ class OtherPart(BaseModel):
     type: Literal["image_url", "input_audio", "file", "refusal"]
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: str
+    arguments: str  # a JSON text, as OpenAI sends it
+
+
+class ToolCallItem(BaseModel):
+    """A call in an assistant message of the history."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart | OtherPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCallItem] | None = None
+    #: an earlier answer's reasoning, sent back (vLLM's and other clients' names); templates may read it
+    reasoning: str | None = None
+    reasoning_content: str | None = None
+    refusal: str | None = None
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    """A rendered chat: the template's text and its token ids."""
+
+    text: str
+    ids: list[int]
 
 
 CONTENT_FORMATS = ("auto", "string", "openai")
@@ -67,9 +97,15 @@ def to_template_messages(messages: list[ChatMessage], content_format: str = "str
         raise errors.InvalidRequest("messages must contain at least one message", param="messages")
     out = []
     for i, msg in enumerate(messages):
-        if msg.tool_calls:
-            raise errors.UnsupportedParameter(
-                "tool calls are not supported by this server", param=f"messages.{i}.tool_calls"
+        if msg.tool_calls and msg.role != "assistant":
+            raise errors.InvalidRequest(
+                f"only assistant messages carry tool_calls; messages.{i} is a {msg.role} message",
+                param=f"messages.{i}.tool_calls",
+            )
+        if msg.role == "tool" and not msg.tool_call_id:
+            raise errors.InvalidRequest(
+                f"messages.{i} is a tool message without tool_call_id; give the id of the call it answers",
+                param=f"messages.{i}.tool_call_id",
             )
         content = msg.content
         if isinstance(content, list):
@@ -89,8 +125,46 @@ def to_template_messages(messages: list[ChatMessage], content_format: str = "str
         entry: dict[str, Any] = {"role": role, "content": parts if content_format == "openai" else content or ""}
         if msg.name:
             entry["name"] = msg.name
+        if msg.tool_call_id is not None:
+            entry["tool_call_id"] = msg.tool_call_id
+        if msg.tool_calls:
+            entry["tool_calls"] = [_template_call(call, f"messages.{i}.tool_calls.{j}") for j, call in enumerate(msg.tool_calls)]
+        reasoning = msg.reasoning if msg.reasoning is not None else msg.reasoning_content
+        if reasoning is not None:
+            entry["reasoning_content"] = entry["reasoning"] = reasoning
         out.append(entry)
     return out
+
+
+def _template_call(call: ToolCallItem, where: str) -> dict[str, Any]:
+    """A history tool call as templates read it: ``arguments`` as an object (templates write it
+    with ``tojson``; vLLM passes it so), ``name`` also at the top (some templates read it there)."""
+    try:
+        arguments = json.loads(call.function.arguments) if call.function.arguments.strip() else {}
+    except ValueError:
+        raise errors.InvalidRequest(
+            f"{where}.function.arguments must be a JSON text of the call's arguments, got "
+            f"{errors.echo(call.function.arguments, 60)!r}",
+            param=f"{where}.function.arguments",
+        ) from None
+    return {
+        "id": call.id,
+        "type": "function",
+        "function": {"name": call.function.name, "arguments": arguments},
+        "name": call.function.name,
+        "arguments": arguments,
+    }
+
+
+def template_reads(template: Any, variable: str) -> bool:
+    """Whether a chat template reads ``variable`` (e.g. ``tools``) at all."""
+    if not isinstance(template, str):
+        return False
+    try:
+        ast = jinja2.Environment().parse(template)
+    except jinja2.TemplateError:
+        return True  # unreadable here: let rendering say what is wrong
+    return variable in jinja2.meta.find_undeclared_variables(ast)
 
 
 def render(
@@ -102,13 +176,23 @@ def render(
     continue_final_message: bool = False,
     template_kwargs: dict[str, Any] | None = None,
     content_format: str = "string",
+    tools: list[dict[str, Any]] | None = None,
 ) -> str:
     """Apply the model's (or the request's) chat template; return the prompt text.
 
-    ``content_format``: how messages' content reaches the template (see :func:`detect_content_format`)."""
+    ``content_format``: how messages' content reaches the template (see :func:`detect_content_format`);
+    ``tools``: the request's tool definitions, for the template's ``tools`` argument (a template
+    that never reads ``tools`` cannot show them to the model: ``unsupported_parameter``)."""
+    template_text = chat_template or getattr(tokenizer, "chat_template", None)
     if content_format == "auto":
-        content_format = detect_content_format(chat_template or getattr(tokenizer, "chat_template", None))
+        content_format = detect_content_format(template_text)
     flat = to_template_messages(messages, content_format)
+    if tools and template_text and not template_reads(template_text, "tools"):
+        raise errors.UnsupportedParameter(
+            "this model's chat template does not render tool definitions, so the model cannot see the tools; "
+            "remove tools, or pass a chat template that renders them (chat_template, or the server's --chat-template)",
+            param="tools",
+        )
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
         raise errors.InvalidRequest(
             "This model has no chat template, so it cannot serve chat completions; "
@@ -126,6 +210,7 @@ def render(
             add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message,
             tokenize=False,
+            tools=tools or None,
             **(template_kwargs or {}),
         )
     except jinja2.TemplateError as exc:

@@ -170,6 +170,17 @@ class ModelService:
         #: cut over-long encoder inputs to the context length instead of refusing them
         self.truncate_inputs = truncate_inputs
         self.created = int(time.time())
+        #: tool calling and reasoning: ``tool_choice: auto`` served, and who reads the output
+        self.auto_tool_choice = model.enable_auto_tool_choice
+        self.tool_parser: Any = None
+        self.reasoning_parser: Any = None
+        if model.tool_call_parser is not None or model.reasoning_parser is not None:
+            from . import parsers
+
+            if model.tool_call_parser is not None:
+                self.tool_parser = parsers.tool_call_parser(model.tool_call_parser)
+            if model.reasoning_parser is not None:
+                self.reasoning_parser = parsers.reasoning_parser(model.reasoning_parser)
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -264,7 +275,7 @@ class ModelService:
         chat_template: str | None = None,
         template_kwargs: Mapping[str, Any] | None = None,
         **options: Any,
-    ) -> list[int]:
+    ) -> chat.ChatPrompt:
         """The prompt of a chat: the request's template, else the server's (``--chat-template``),
         else the tokenizer's; the request's template arguments over the server's defaults."""
         kwargs = {**self.model.default_chat_template_kwargs, **(template_kwargs or {})}
@@ -279,7 +290,7 @@ class ModelService:
                 **options,
             )
             # the template already holds the special tokens it wants
-            return self.tokenize(text, add_special_tokens=False)
+            return chat.ChatPrompt(text, self.tokenize(text, add_special_tokens=False))
 
     # ----------------------------------------------------------- truncation
     def truncation(self, value: int | None, *, generative: bool, param: str = "truncate_prompt_tokens") -> int | None:

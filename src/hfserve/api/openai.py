@@ -12,26 +12,35 @@ import json
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, Literal, cast
 
 import numpy as np
 from fastapi import APIRouter, Request, Response
 from openai.types import Completion, CompletionChoice, CompletionUsage
 from openai.types import Model as OpenAIModel
-from openai.types.chat import ChatCompletion, ChatCompletionChunk, ChatCompletionMessage, ChatCompletionTokenLogprob
+from openai.types.chat import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionMessage,
+    ChatCompletionMessageToolCall,
+    ChatCompletionTokenLogprob,
+)
 from openai.types.chat.chat_completion import Choice as ChatChoice
 from openai.types.chat.chat_completion import ChoiceLogprobs
 from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice
-from openai.types.chat.chat_completion_chunk import ChoiceDelta
+from openai.types.chat.chat_completion_chunk import ChoiceDelta, ChoiceDeltaToolCall, ChoiceDeltaToolCallFunction
 from openai.types.chat.chat_completion_chunk import ChoiceLogprobs as ChunkLogprobs
+from openai.types.chat.chat_completion_message_tool_call import Function as ToolCallFunction
 from openai.types.chat.chat_completion_token_logprob import TopLogprob
 from openai.types.completion_choice import Logprobs
 from pydantic import BaseModel, ConfigDict, Field
 
-from .. import errors
+from .. import errors, tools
 from ..chat import ChatMessage
+from ..chat_output import ChoiceReader, DeltaParts, MessageParts
 from ..generation import SequenceDelta, TokenLogprob
+from ..parsers.tool_calls import ToolCallDelta
 from ..sampling import SamplingOptions
 from ..service import ModelService, cut, merge
 from ..tasks import Task
@@ -401,13 +410,15 @@ def _chat_logprobs(entries: list[TokenLogprob] | None, k: int) -> list[ChatCompl
 
 
 def _check_chat_options(body: ChatCompletionRequest) -> None:
-    if body.tools or body.functions:
-        param = "tools" if body.tools else "functions"
-        raise errors.UnsupportedParameter(f"{param} (tool calling) is not supported by this server", param=param)
-    for name in ("tool_choice", "function_call"):
-        value = getattr(body, name)
-        if value not in (None, "none", "auto"):
-            raise errors.UnsupportedParameter(f"{name} is not supported by this server", param=name)
+    if body.functions:
+        raise errors.UnsupportedParameter(
+            "functions (OpenAI's deprecated form of tools) is not supported; send tools", param="functions"
+        )
+    if body.function_call not in (None, "none", "auto"):
+        raise errors.UnsupportedParameter(
+            "function_call (OpenAI's deprecated form of tool_choice) is not supported; send tool_choice",
+            param="function_call",
+        )
     if body.response_format is not None and body.response_format.type != "text":
         raise errors.UnsupportedParameter(
             f"response_format {body.response_format.type!r} is not supported; only 'text' is", param="response_format.type"
@@ -425,16 +436,62 @@ def _response_role(service: ModelService, body: ChatCompletionRequest) -> str:
     return body.messages[-1].role
 
 
-def _message(role: str, text: str) -> ChatCompletionMessage:
+def _reasoning_fields(reasoning: str | None) -> dict[str, Any]:
+    """The reasoning under vLLM's name and the name other clients read; absent without any."""
+    return {} if reasoning is None else {"reasoning": reasoning, "reasoning_content": reasoning}
+
+
+def _message(role: str, parts: MessageParts) -> ChatCompletionMessage:
+    calls = [
+        ChatCompletionMessageToolCall(id=c.id, type="function", function=ToolCallFunction(name=c.name, arguments=c.arguments))
+        for c in parts.tool_calls
+    ]
+    fields: dict[str, Any] = {"content": parts.content, **_reasoning_fields(parts.reasoning)}
+    if calls:
+        fields["tool_calls"] = calls
     if role == "assistant":
-        return ChatCompletionMessage(role="assistant", content=text)
-    return ChatCompletionMessage.model_construct(role=role, content=text)  # another --response-role
+        return ChatCompletionMessage(role="assistant", **fields)
+    return ChatCompletionMessage.model_construct(role=role, **fields)  # another --response-role
 
 
-def _delta(role: str, text: str) -> ChoiceDelta:
+def _delta(role: str | None, parts: DeltaParts) -> ChoiceDelta:
+    """A chunk's delta: only the parts this piece of text added (and the role on a choice's first)."""
+    fields: dict[str, Any] = {}
+    if role is not None or parts.content or not (parts.reasoning or parts.tool_calls):
+        fields["content"] = parts.content
+    if parts.reasoning:
+        fields.update(_reasoning_fields(parts.reasoning))
+    if parts.tool_calls:
+        fields["tool_calls"] = [_delta_call(c) for c in parts.tool_calls]
+    if role is None:
+        return ChoiceDelta(**fields)
     if role in ("assistant", "developer", "system", "user", "tool"):
-        return ChoiceDelta(role=role, content=text)  # type: ignore[arg-type]
-    return ChoiceDelta.model_construct(role=role, content=text)
+        return ChoiceDelta(role=role, **fields)  # type: ignore[arg-type]
+    return ChoiceDelta.model_construct(role=role, **fields)
+
+
+def _delta_call(call: ToolCallDelta) -> ChoiceDeltaToolCall:
+    """A call's first delta carries its id, type and name (and empty arguments); later ones only
+    an argument fragment: only those fields are set, so only they are sent."""
+    if call.id is None:
+        return ChoiceDeltaToolCall(index=call.index, function=ChoiceDeltaToolCallFunction(arguments=call.arguments))
+    return ChoiceDeltaToolCall(
+        index=call.index, id=call.id, type="function", function=ChoiceDeltaToolCallFunction(name=call.name, arguments=call.arguments)
+    )
+
+
+def _tool_plan(service: ModelService, body: ChatCompletionRequest) -> tools.ToolPlan:
+    return tools.plan(body.tools, body.tool_choice, body.parallel_tool_calls, auto_enabled=service.auto_tool_choice)
+
+
+def _reader(service: ModelService, plan: tools.ToolPlan, prompt_text: str, constrained: bool) -> ChoiceReader:
+    return ChoiceReader(
+        plan,
+        tool_parser=service.tool_parser,
+        reasoning_parser=service.reasoning_parser,
+        prompt_text=prompt_text,
+        constrained=constrained,
+    )
 
 
 @router.post("/chat/completions", openapi_extra=json_schema_body(ChatCompletionRequest), response_model=None)
@@ -445,13 +502,16 @@ async def create_chat_completion(request: Request) -> Response:
     _check_model(service, body.model)
     service.require("the chat completions route", *GENERATIVE)
     _check_chat_options(body)
-    prompt_ids = service.render_chat(
+    plan = _tool_plan(service, body)
+    prompt = service.render_chat(
         body.messages,
         chat_template=body.chat_template,
         add_generation_prompt=body.add_generation_prompt,
         continue_final_message=body.continue_final_message,
         template_kwargs=body.chat_template_kwargs,
+        tools=plan.tools or None,
     )
+    prompt_ids = prompt.ids
     keep = service.truncation(body.truncate_prompt_tokens, generative=True)
     if keep is not None:  # the rendered prompt's last tokens (its template's tokens included), as vLLM cuts it
         prompt_ids = cut(prompt_ids, keep, keep_end=True)
@@ -466,25 +526,42 @@ async def create_chat_completion(request: Request) -> Response:
         max_tokens_param=max_param,
         max_tokens=body.max_completion_tokens,
     )
+    if plan.constrained:
+        tool_constraint = plan.constraint(disable_any_whitespace=service.disable_any_whitespace)
+        if params.structured is not None:
+            raise errors.InvalidRequest(
+                "a forced tool call (tool_choice 'required' or a named function) already fixes the output's "
+                "form; remove response_format (or structured_outputs), or set tool_choice to 'auto' or 'none'",
+                param="tool_choice",
+            )
+        params.structured = await service.check_structured(tool_constraint)
     rid = request_id(request)
     cid = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
+    constrained = params.structured is not None
+
+    def reader() -> ChoiceReader:
+        return _reader(service, plan, prompt.text, constrained)
+
     if body.stream:
-        return await _stream_chat(request, service, body, prompt_ids, params, cid, created, k)
+        return await _stream_chat(request, service, body, prompt_ids, params, cid, created, k, reader)
 
     gen = await until_disconnect(request, service.generate_full(prompt_ids, params, rid))
     _count_tokens(request, gen.prompt_tokens, gen.completion_tokens)
     role = _response_role(service, body)
-    choices = [
-        ChatChoice(
-            index=c.index,
-            message=_message(role, c.text),
-            finish_reason=c.finish_reason or "length",  # type: ignore[arg-type]
-            logprobs=ChoiceLogprobs(content=_chat_logprobs(c.logprobs, k)) if body.logprobs else None,
-            stop_reason=c.stop_reason,  # type: ignore[call-arg]
+    choices = []
+    for c in gen.choices:
+        choice_reader = reader()
+        parts = choice_reader.whole(c.text)
+        choices.append(
+            ChatChoice(
+                index=c.index,
+                message=_message(role, parts),
+                finish_reason=choice_reader.finish_reason(c.finish_reason),  # type: ignore[arg-type]
+                logprobs=ChoiceLogprobs(content=_chat_logprobs(c.logprobs, k)) if body.logprobs else None,
+                stop_reason=c.stop_reason,  # type: ignore[call-arg]
+            )
         )
-        for c in gen.choices
-    ]
     completion = ChatCompletion(
         id=cid,
         object="chat.completion",
@@ -505,10 +582,12 @@ async def _stream_chat(
     cid: str,
     created: int,
     k: int,
+    reader: Callable[[], ChoiceReader],
 ) -> Response:
     rid = request_id(request)
     include_usage, continuous_usage = _usage_wanted(body)
     stream = service.generate(prompt_ids, params, rid)
+    readers: dict[int, ChoiceReader] = {}
 
     def chunk(choices: list[ChunkChoice], usage: CompletionUsage | None = None) -> str:
         c = ChatCompletionChunk(
@@ -518,11 +597,21 @@ async def _stream_chat(
 
     role = _response_role(service, body)
 
-    def delta_choice(d: SequenceDelta, first: bool) -> ChunkChoice:
+    def delta_choice(d: SequenceDelta, first: bool) -> ChunkChoice | None:
+        """The chunk choice of one delta; None when the reader holds its text back (a tag not yet
+        complete) and there is nothing else to send."""
+        choice_reader = readers.get(d.index)
+        if choice_reader is None:
+            choice_reader = readers[d.index] = reader()
+        parts = choice_reader.feed(d.text)
+        if d.finish_reason is not None:
+            parts = parts.add(choice_reader.finish())
+        if not (first or parts or d.finish_reason is not None or (body.logprobs and d.logprobs)):
+            return None
         return ChunkChoice(
             index=d.index,
-            delta=_delta(role, d.text) if first else ChoiceDelta(content=d.text),
-            finish_reason=d.finish_reason,  # type: ignore[arg-type]
+            delta=_delta(role if first else None, parts),
+            finish_reason=None if d.finish_reason is None else choice_reader.finish_reason(d.finish_reason),  # type: ignore[arg-type]
             logprobs=ChunkLogprobs(content=_chat_logprobs(d.logprobs, k)) if body.logprobs else None,
         )
 
@@ -535,6 +624,8 @@ async def _stream_chat(
                 generated[d.index] += len(d.token_ids)
                 choice = delta_choice(d, d.index not in started)
                 started.add(d.index)
+                if choice is None:
+                    continue
                 if continuous_usage:  # vLLM's layout: a chunk per choice, with that choice's usage so far
                     yield chunk([choice], _usage(len(prompt_ids), generated[d.index]))
                 else:
