@@ -8,6 +8,7 @@ whole-text parse; markup never leaks into content; malformed markup comes back a
 from __future__ import annotations
 
 import json
+import keyword
 import random
 import re
 from typing import Any
@@ -345,8 +346,9 @@ json_values = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
     max_leaves=8,
 )
-arguments = st.dictionaries(st.from_regex(r"[a-z_]{1,6}", fullmatch=True), json_values, max_size=4)
-fn_names = st.from_regex(r"[a-zA-Z_][a-zA-Z0-9_]{0,10}", fullmatch=True)
+identifiers = st.from_regex(r"[a-zA-Z_][a-zA-Z0-9_]{0,10}", fullmatch=True).filter(lambda n: not keyword.iskeyword(n))
+arguments = st.dictionaries(identifiers, json_values, max_size=4)
+fn_names = identifiers
 # content made of the characters markup is made of, so near-misses of tags are common
 prose = st.text(alphabet="ab <>/[]{}|_;\n\ttoolcal_TOOLS", max_size=30)
 

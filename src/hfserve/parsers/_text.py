@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 
@@ -68,3 +69,52 @@ class WhitespaceHolder:
         if not self.started and self._drop_leading:
             return ""
         return out
+
+
+class JsonEnd:
+    """Finds where the JSON object or array at the start of a growing text ends, reading each character once.
+
+    It counts brackets outside strings, so it also ends at invalid JSON that balances (``{"a": 1,}``):
+    decoding that prefix then says whether it is a value. Text that never balances never ends.
+    """
+
+    _PLAIN = re.compile(r'[^"\\\[\]{}]+')
+    _IN_STRING = re.compile(r'[^"\\]+')
+
+    def __init__(self) -> None:
+        self._pos = 0
+        self._depth = 0
+        self._in_string = False
+        self._escaped = False
+
+    def scan(self, text: str, start: int = 0, limit: int | None = None) -> int | None:
+        """The index just past the end of the value that starts at ``start``, when it ends before ``limit``.
+
+        ``text`` may only have grown (at its end) since the last call; ``start`` must stay the same.
+        """
+        n = len(text) if limit is None else min(limit, len(text))
+        i = max(self._pos, start)
+        while i < n:
+            if self._escaped:
+                self._escaped = False
+                i += 1
+                continue
+            m = (self._IN_STRING if self._in_string else self._PLAIN).match(text, i, n)
+            if m is not None:
+                i = m.end()
+                continue
+            c = text[i]
+            i += 1
+            if c == "\\":
+                self._escaped = self._in_string
+            elif c == '"':
+                self._in_string = not self._in_string
+            elif c in "[{":
+                self._depth += 1
+            else:  # "]" or "}"
+                self._depth -= 1
+                if self._depth <= 0:
+                    self._pos = i
+                    return i
+        self._pos = max(self._pos, i)
+        return None

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar
 
-from hfserve.parsers._text import WhitespaceHolder, find_first, partial_overlap
+from hfserve.parsers._text import JsonEnd, WhitespaceHolder, find_first, partial_overlap
 
 __all__ = [
     "TOOL_CALL_PARSERS",
@@ -130,6 +130,13 @@ def _call_from_object(obj: Any) -> tuple[str, str] | None:
 
 
 _decoder = json.JSONDecoder()
+_WS = re.compile(r"\s*")
+
+
+def _skip_ws(text: str, i: int) -> int:
+    """The index of the first non-whitespace character at or after ``i`` (``len(text)`` if none)."""
+    m = _WS.match(text, i)
+    return m.end() if m else i
 
 
 def _decode_prefix(text: str) -> tuple[Any, int] | None:
@@ -157,7 +164,9 @@ class ToolCallParser:
         self.tools = list(tools or [])
         self._buf = ""
         self._state = "start"
-        self._tried = -1  # length of the text last tried as a complete value, -1: try now
+        self._tried = -1  # pythonic: where the next "]" to try is looked for
+        self._json_end = JsonEnd()  # where the JSON value being read ends
+        self._find_from = 0  # where to look for a tag next in the buffer
         self._ws = WhitespaceHolder(drop_leading=True)
         self._content_out: list[str] = []
         self._calls_out: list[ToolCallDelta] = []
@@ -183,7 +192,10 @@ class ToolCallParser:
         """The next piece of generated text (any split); returns what is decided so far."""
         if self._finished:
             raise RuntimeError("feed() after finish()")
-        self._buf += text
+        buf, self._buf = self._buf, ""
+        buf += text  # in place when the buffer has no other reference: no quadratic copying
+        self._buf = buf
+        del buf
         while self._step(final=False):
             pass
         return self._take()
@@ -230,12 +242,23 @@ class ToolCallParser:
     def _set_state(self, state: str) -> None:
         self._state = state
         self._tried = -1
+        self._find_from = 0
+        self._json_end = JsonEnd()
 
-    def _should_try(self, text: str, closers: str, final: bool) -> bool:
-        """Whether ``text`` (which only grows while the state stays) may now hold a complete value."""
-        if final or self._tried < 0:
-            return True
-        return any(c in text[self._tried :] for c in closers)
+    def _read_json(self, start: int, limit: int | None = None) -> tuple[bool, tuple[Any, int] | None]:
+        """``(ended, decoded)``: the JSON value at ``start`` in the buffer (which only grows while the state stays).
+
+        ``ended`` is False while the value may still come (its brackets are not balanced before
+        ``limit``); then ``decoded`` is the value and the buffer index after it, or None when it is
+        not JSON.
+        """
+        end = self._json_end.scan(self._buf, start, limit)
+        if end is None:
+            return False, None
+        decoded = _decode_prefix(self._buf[start:end])
+        if decoded is None or start + decoded[1] != end:
+            return True, None
+        return True, (decoded[0], end)
 
     def _take(self) -> StreamDelta:
         out = StreamDelta(content="".join(self._content_out), tool_calls=self._calls_out)
@@ -337,36 +360,30 @@ class Llama3JsonToolParser(ToolCallParser):
             self._buf = ""
             return False
         # "calls" (before the first call) or "sep" (after one): skip markup up to the next object
-        i = len(self._buf) - len(self._buf.lstrip())
+        i = _skip_ws(self._buf, 0)
         if self._state == "calls" and self._buf.startswith(self.TAG, i):
             i += len(self.TAG)
         elif self._state == "sep" and self._buf.startswith(";", i):
             i += 1
-        rest = self._buf[i:].lstrip()
-        if not rest:
+        i = _skip_ws(self._buf, i)
+        if i == len(self._buf):
             if final:
                 if self._n_calls == 0:
                     self._content(self._buf)
                 self._buf = ""
             return False
-        if rest[0] != "{":
+        if self._buf[i] != "{":
             self._set_state("text")
             return True
-        if not self._should_try(rest, "}", final):
+        ended, decoded = self._read_json(i)
+        if not ended and not final:
             return False
-        decoded = _decode_prefix(rest)
-        if decoded is None:
-            if final:
-                self._set_state("text")
-                return True
-            self._tried = len(rest)
-            return False
-        call = _call_from_object(decoded[0])
-        if call is None:
+        call = None if decoded is None else _call_from_object(decoded[0])
+        if call is None or decoded is None:
             self._set_state("text")
             return True
         self._call(*call)
-        self._buf = rest[decoded[1] :]
+        self._buf = self._buf[decoded[1] :]
         self._set_state("sep")
         return True
 
@@ -406,42 +423,40 @@ class MistralToolParser(ToolCallParser):
             self._raw = self.MARK
             self._set_state("marker")
             return True
-        s = self._buf.lstrip()
-        lead = self._buf[: len(self._buf) - len(s)]
-        if not s:
-            if final:
-                return self._malformed()
-            return False
-        next_mark = s.find(self.MARK)
-        if self._state == "marker" and s[0] not in "[{":
-            m = self._NAME.match(s)
+        buf = self._buf
+        i = _skip_ws(buf, 0)
+        if i == len(buf):
+            return self._malformed() if final else False
+        if self._state == "marker" and buf[i] not in "[{":
+            m = self._NAME.match(buf, i)
             if m is None:
                 return self._malformed()
-            rest = s[m.end() :]
+            rest = buf[m.end() : m.end() + len(self.ARGS)]
             if not rest or (self.ARGS.startswith(rest) and rest != self.ARGS):
                 return self._malformed() if final else False
-            if rest.startswith(self.ARGS):
+            if rest == self.ARGS:
                 sep = self.ARGS
             elif rest[0] == "{":
                 sep = ""
             else:
                 return self._malformed()
             self._fname = m.group()
-            self._raw += lead + m.group() + sep
-            self._buf = rest[len(sep) :]
+            self._raw += buf[: m.end()] + sep
+            self._buf = buf[m.end() + len(sep) :]
             self._set_state("args")
             return True
         # a JSON value: the pre-v11 list (state "marker") or a call's arguments (state "args")
-        if self._state == "args" and s[0] != "{":
+        if self._state == "args" and buf[i] != "{":
             return self._malformed()
-        if not self._should_try(s, "}]", final or next_mark >= 0):
+        # a value that does not end before the next [TOOL_CALLS] is malformed
+        next_mark = buf.find(self.MARK, max(i, self._find_from))
+        if next_mark < 0:
+            self._find_from = max(0, len(buf) - len(self.MARK) + 1)
+        ended, decoded = self._read_json(i, next_mark if next_mark >= 0 else None)
+        if not ended and not (final or next_mark >= 0):
             return False
-        decoded = _decode_prefix(s if next_mark < 0 else s[:next_mark])
         if decoded is None:
-            if final or next_mark >= 0:
-                return self._malformed()
-            self._tried = len(s)
-            return False
+            return self._malformed()
         value, end = decoded
         if self._state == "args":
             arguments = arguments_json(value)
@@ -457,7 +472,7 @@ class MistralToolParser(ToolCallParser):
                 assert c is not None
                 self._call(*c)
         self._raw = ""
-        self._buf = s[end:]
+        self._buf = buf[end:]
         self._set_state("content")
         return True
 
