@@ -217,6 +217,12 @@ EXAMPLES: list[tuple[str, str, str | None, list[tuple[str, Any]]]] = [
     ),
     ("llama4_pythonic", '<|python_start|>[api.search(q="x]")]<|python_end|>', None, [("api.search", {"q": "x]"})]),
     ("pythonic", "[ping()]\nAnything else?", "Anything else?", [("ping", {})]),
+    (
+        "pythonic",
+        "[f(s='''a]\"b''', t=\"it's ]\"), g(u=r'\\d]')]",
+        None,
+        [("f", {"s": 'a]"b', "t": "it's ]"}), ("g", {"u": "\\d]"})],
+    ),
     ("pythonic", "Sure, here it is.", "Sure, here it is.", []),
 ]
 

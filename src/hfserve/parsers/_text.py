@@ -118,3 +118,57 @@ class JsonEnd:
                     return i
         self._pos = max(self._pos, i)
         return None
+
+
+class PythonListEnd:
+    """Finds the ``]`` that may close the Python list at the start of a growing text (brackets outside
+    string literals, single- or triple-quoted, with escapes), reading each character once.
+
+    Each candidate it returns is where the brackets balance; the caller checks it with :mod:`ast` and
+    asks for the next one if it is not a list after all.
+    """
+
+    def __init__(self) -> None:
+        self._pos = 0
+        self._depth = 0
+        self._quote = ""  # the open string's delimiter: ' " ''' or """
+        self._escaped = False
+
+    def scan(self, text: str, start: int = 0) -> int | None:
+        """The index just past the next balancing ``]``, or None when there is none yet."""
+        i = max(self._pos, start)
+        n = len(text)
+        while i < n:
+            c = text[i]
+            if self._quote:
+                if self._escaped:
+                    self._escaped = False
+                elif c == "\\":
+                    self._escaped = True
+                elif text.startswith(self._quote, i):
+                    i += len(self._quote)
+                    self._quote = ""
+                    continue
+                elif len(self._quote) == 3 and c == self._quote[0] and n - i < 3:
+                    break  # might be the start of the closing triple quote: wait for more
+                i += 1
+                continue
+            if c in "'\"":
+                triple = c * 3
+                if text.startswith(triple, i):
+                    self._quote = triple
+                    i += 3
+                    continue
+                if n - i < 3 and triple.startswith(text[i:]):
+                    break  # one or two quotes at the edge: a triple quote may be coming
+                self._quote = c
+            elif c in "([{":
+                self._depth += 1
+            elif c in ")]}":
+                self._depth -= 1
+                if self._depth <= 0 and c == "]":
+                    self._pos = i + 1
+                    return i + 1
+            i += 1
+        self._pos = i
+        return None

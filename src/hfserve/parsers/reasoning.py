@@ -70,7 +70,10 @@ class ReasoningParser:
         """The next piece of generated text (any split) -> (reasoning delta, content delta)."""
         if self._finished:
             raise RuntimeError("feed() after finish()")
-        self._buf += text
+        buf, self._buf = self._buf, ""
+        buf += text  # in place when the buffer has no other reference: no quadratic copying
+        self._buf = buf
+        del buf
         while self._step(final=False):
             pass
         return self._take()

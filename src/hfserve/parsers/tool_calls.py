@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, ClassVar
 
-from hfserve.parsers._text import JsonEnd, WhitespaceHolder, find_first, partial_overlap
+from hfserve.parsers._text import JsonEnd, PythonListEnd, WhitespaceHolder, find_first, partial_overlap
 
 __all__ = [
     "TOOL_CALL_PARSERS",
@@ -164,7 +164,6 @@ class ToolCallParser:
         self.tools = list(tools or [])
         self._buf = ""
         self._state = "start"
-        self._tried = -1  # pythonic: where the next "]" to try is looked for
         self._json_end = JsonEnd()  # where the JSON value being read ends
         self._find_from = 0  # where to look for a tag next in the buffer
         self._ws = WhitespaceHolder(drop_leading=True)
@@ -241,7 +240,6 @@ class ToolCallParser:
 
     def _set_state(self, state: str) -> None:
         self._state = state
-        self._tried = -1
         self._find_from = 0
         self._json_end = JsonEnd()
 
@@ -549,6 +547,10 @@ class PythonicToolParser(ToolCallParser):
     END = "<|python_end|>"
     markup = (START, END)
 
+    def _set_state(self, state: str) -> None:
+        super()._set_state(state)
+        self._list_end = PythonListEnd()
+
     def _step(self, final: bool) -> bool:
         if self._state == "start":
             s = self._buf.lstrip()
@@ -578,31 +580,27 @@ class PythonicToolParser(ToolCallParser):
                 return False
             self._set_state("text")
             return True
-        # "list": the text from "[" on; try each "]" that arrived since the last try
-        s = self._buf.lstrip()
-        if s.startswith(self.START):
-            s = s[len(self.START) :].lstrip()
-        start = max(self._tried, 0)
-        p = s.find("]", start)
-        while p >= 0:
+        # "list": from "[" on; try each "]" where the brackets balance
+        i = _skip_ws(self._buf, 0)
+        if self._buf.startswith(self.START, i):
+            i = _skip_ws(self._buf, i + len(self.START))
+        while (end := self._list_end.scan(self._buf, i)) is not None:
             try:
-                tree = ast.parse(s[: p + 1], mode="eval")
+                tree: ast.Expression | None = ast.parse(self._buf[i:end], mode="eval")
             except (SyntaxError, ValueError, RecursionError, MemoryError):
-                p = s.find("]", p + 1)
-                continue
-            calls = _pythonic_calls(tree)
+                tree = None  # balanced but not Python: no longer text makes it a list
+            calls = None if tree is None else _pythonic_calls(tree)
             if calls is None:
                 self._set_state("text")
                 return True
             for c in calls:
                 self._call(*c)
-            self._buf = s[p + 1 :]
+            self._buf = self._buf[end:]
             self._set_state("after")
             return True
         if final:
             self._set_state("text")
             return True
-        self._tried = len(s)
         return False
 
 
