@@ -71,7 +71,7 @@ VLLM_MAX_NUM_SEQS = 8
 
 @pytest.fixture(scope="session")
 def llama_hf(server_factory) -> ServerHandle:
-    return server_factory("llama", "--backend", "huggingface")
+    return server_factory("llama", "--backend", "huggingface", "--trust-request-chat-template")
 
 
 @pytest.fixture(scope="session")
@@ -86,7 +86,7 @@ def llama_vllm(server_factory) -> ServerHandle:
     if not VLLM_INSTALLED:
         pytest.skip("vLLM is not installed")
     return server_factory(
-        "llama", "--backend", "vllm", "--max_model_len", "256", "--max_num_seqs", str(VLLM_MAX_NUM_SEQS), name="llama"
+        "llama", "--backend", "vllm", "--trust-request-chat-template", "--max_model_len", "256", "--max_num_seqs", str(VLLM_MAX_NUM_SEQS), name="llama"
     )
 
 

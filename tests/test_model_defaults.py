@@ -19,6 +19,7 @@ from hfserve.cli import build_parser, resolve
 from hfserve.generation import Capabilities
 from hfserve.sampling import generation_defaults
 from tests.conftest import needs_vllm
+from tests.contract import assert_error
 from tests.fakes import FakeServer, Serve, serving
 from tests.servers import start_server, stop_server
 
@@ -162,7 +163,13 @@ TEMPLATE = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor 
 
 @pytest.mark.anyio
 async def test_server_chat_template_and_default_kwargs(serve: Serve):
-    s = await serve(model_options={"chat_template": TEMPLATE, "default_chat_template_kwargs": {"greeting": "HI"}})
+    s = await serve(
+        model_options={
+            "chat_template": TEMPLATE,
+            "default_chat_template_kwargs": {"greeting": "HI"},
+            "trust_request_chat_template": True,
+        }
+    )
     messages = [{"role": "user", "content": "ab"}]
     r = await s.post("/openai/v1/chat/completions", {"model": "fake", "messages": messages, "max_tokens": 10})
     assert r.json()["choices"][0]["message"]["content"] == "[user]abHI"  # the fake echoes its prompt
@@ -170,6 +177,21 @@ async def test_server_chat_template_and_default_kwargs(serve: Serve):
     assert (await s.post("/openai/v1/chat/completions", body)).json()["choices"][0]["message"]["content"] == "[user]abYO"
     body = {"model": "fake", "messages": messages, "max_tokens": 4, "chat_template": "<{{ greeting }}>"}
     assert (await s.post("/openai/v1/chat/completions", body)).json()["choices"][0]["message"]["content"] == "<HI>"
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("where", ["chat_template", "chat_template_kwargs"])
+@pytest.mark.parametrize("stream", [False, True])
+async def test_request_chat_template_needs_the_flag(serve: Serve, where, stream):
+    """As vLLM: a request's own chat template is refused unless --trust-request-chat-template."""
+    s = await serve(model_options={"chat_template": TEMPLATE})
+    messages = [{"role": "user", "content": "ab"}]
+    field = {"chat_template": "<x>"} if where == "chat_template" else {"chat_template_kwargs": {"chat_template": "<x>"}}
+    body = {"model": "fake", "messages": messages, "max_tokens": 3, "stream": stream, **field}
+    message = assert_error(await s.post("/openai/v1/chat/completions", body), "invalid_request", param="chat_template")
+    assert "--trust-request-chat-template" in message
+    trusted = await serve(name="fake", model_options={"chat_template": TEMPLATE, "trust_request_chat_template": True})
+    assert (await trusted.post("/openai/v1/chat/completions", {**body, "stream": False})).status_code == 200
 
 
 @pytest.mark.anyio

@@ -121,6 +121,7 @@ def _model_defaults(args: argparse.Namespace) -> dict[str, Any]:
         "default_chat_template_kwargs": args.default_chat_template_kwargs or {},
         "response_role": args.response_role,
         "chat_template_content_format": args.chat_template_content_format,
+        "trust_request_chat_template": args.trust_request_chat_template,
         "enable_auto_tool_choice": args.enable_auto_tool_choice,
         "tool_call_parser": args.tool_call_parser,
         "reasoning_parser": args.reasoning_parser,
@@ -309,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--chat-template", "--chat_template", dest="chat_template", default=None, help="chat template used instead of the tokenizer's: a file, or the template itself")
     m.add_argument("--default-chat-template-kwargs", "--default_chat_template_kwargs", dest="default_chat_template_kwargs", type=_json_object, default=None, help='JSON object of chat template arguments under each request\'s chat_template_kwargs, e.g. \'{"enable_thinking": false}\'')
     m.add_argument("--response-role", "--response_role", dest="response_role", default="assistant", help="role of the chat completion's message when the request asks for a new one")
+    m.add_argument("--trust-request-chat-template", "--trust_request_chat_template", dest="trust_request_chat_template", action="store_true", help="let requests bring their own chat template (chat_template); without it they are refused, as vLLM does")
     m.add_argument("--enable-auto-tool-choice", "--enable_auto_tool_choice", dest="enable_auto_tool_choice", action="store_true", help="serve tool_choice auto: the model decides whether to call a tool, its output read by --tool-call-parser")
     m.add_argument("--tool-call-parser", "--tool_call_parser", dest="tool_call_parser", default=None, help="how tool calls are read from the model's output (vLLM's names: hermes, llama3_json, mistral, pythonic, ...)")
     m.add_argument("--reasoning-parser", "--reasoning_parser", dest="reasoning_parser", default=None, help="how reasoning is read from the model's output into the message's reasoning field (vLLM's names: deepseek_r1, qwen3)")

@@ -85,6 +85,8 @@ class ModelConfig:
     response_role: str = "assistant"
     #: how messages' content reaches the chat template: ``auto``, ``string`` or ``openai`` (text parts)
     chat_template_content_format: str = "auto"
+    #: requests may bring their own chat template (``chat_template``); vLLM's default refuses them
+    trust_request_chat_template: bool = False
     #: ``tool_choice: auto`` is served, its output read by ``tool_call_parser`` (``--enable-auto-tool-choice``)
     enable_auto_tool_choice: bool = False
     #: vLLM's tool-call parser name (``hermes``, ``llama3_json``, ``mistral``, ``pythonic``...)

@@ -279,6 +279,9 @@ class ModelService:
         """The prompt of a chat: the request's template, else the server's (``--chat-template``),
         else the tokenizer's; the request's template arguments over the server's defaults."""
         kwargs = {**self.model.default_chat_template_kwargs, **(template_kwargs or {})}
+        kwargs_template = kwargs.pop("chat_template", None)  # vLLM also takes it there
+        if chat_template is None and isinstance(kwargs_template, str):
+            chat_template = kwargs_template
         template = chat_template if chat_template is not None else self.model.chat_template
         with self.backend.map_exceptions():
             text = chat.render(

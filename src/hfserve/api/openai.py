@@ -409,7 +409,14 @@ def _chat_logprobs(entries: list[TokenLogprob] | None, k: int) -> list[ChatCompl
     return out
 
 
-def _check_chat_options(body: ChatCompletionRequest) -> None:
+def _check_chat_options(service: ModelService, body: ChatCompletionRequest) -> None:
+    from_request = body.chat_template is not None or "chat_template" in (body.chat_template_kwargs or {})
+    if from_request and not service.model.trust_request_chat_template:
+        raise errors.InvalidRequest(
+            "this server does not take chat templates from requests; remove chat_template (the model's or the "
+            "server's --chat-template is used), or start the server with --trust-request-chat-template",
+            param="chat_template",
+        )
     if body.functions:
         raise errors.UnsupportedParameter(
             "functions (OpenAI's deprecated form of tools) is not supported; send tools", param="functions"
@@ -501,7 +508,7 @@ async def create_chat_completion(request: Request) -> Response:
     body = await read_json(request, ChatCompletionRequest)
     _check_model(service, body.model)
     service.require("the chat completions route", *GENERATIVE)
-    _check_chat_options(body)
+    _check_chat_options(service, body)
     plan = _tool_plan(service, body)
     prompt = service.render_chat(
         body.messages,
