@@ -571,3 +571,93 @@ def test_thinking_off_then_a_tool_call_with_text_before_it():
     r, c, calls = compose("qwen3", "hermes", QWEN3_THINKING_OFF_PROMPT, random_pieces(text, 11))
     assert (r, c) == ("", "Let me look that up.")
     assert [(x["name"], json.loads(x["arguments"])) for x in calls] == [("get_weather", {"city": "Oslo"})]
+
+
+# -- hf: the model's own response_template (transformers' response parsing) ------------------------
+
+QWEN_LIKE_TEMPLATE = {
+    "start_anchor": "<|im_start|>assistant\n",
+    "defaults": {"role": "assistant"},
+    "fields": {
+        "thinking": {"open": "<think>", "close": "</think>"},
+        "content": {},
+        "tool_calls": {
+            "open": "<tool_call>",
+            "close": "</tool_call>",
+            "content": "json",
+            "repeats": True,
+            "transform": {"type": "function", "function": "{content}"},
+        },
+    },
+}
+CHATML_OPEN_THINK = "<|im_start|>user\nWeather in Paris?<|im_end|>\n<|im_start|>assistant\n<think>\n"
+CHATML = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def template_parser(prompt: str, tools: list[dict[str, Any]] | None = None):
+    from transformers.utils.chat_parsing import ResponseParser
+
+    from hfserve.parsers.response_template import ResponseTemplateParser
+
+    return ResponseTemplateParser(
+        tools,
+        prompt_text=prompt,
+        make_parser=lambda prefix: ResponseParser(QWEN_LIKE_TEMPLATE, prefix=prefix, tools=tools),
+    )
+
+
+TEMPLATE_EXAMPLES = [
+    # (prompt, output, reasoning, content, calls)
+    (
+        CHATML_OPEN_THINK,  # the template opened the thought
+        'Paris, so get_weather.\n</think>\n\nLet me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
+        "Paris, so get_weather.",
+        "Let me check.",
+        [("get_weather", {"city": "Paris"})],
+    ),
+    (CHATML, "<think>\nhmm\n</think>\n\nHello!", "hmm", "Hello!", []),
+    (CHATML, "Hello!", None, "Hello!", []),
+    (
+        CHATML,
+        '<tool_call>{"name": "a", "arguments": {}}</tool_call>\n<tool_call>{"name": "b"}</tool_call>',
+        None,
+        None,
+        [("a", {}), ("b", {})],
+    ),
+    # bad JSON in a call region: its text, and all after it, is content
+    (CHATML, 'Hi <tool_call>{"name": oops}</tool_call> there', None, 'Hi {"name": oops} there', []),
+    # a call cut off at the end of the answer, its JSON complete
+    (CHATML, '<tool_call>{"name": "a", "arguments": {"x": 1}}', None, None, [("a", {"x": 1})]),
+]
+
+
+@pytest.mark.parametrize(("prompt", "text", "reasoning", "content", "calls"), TEMPLATE_EXAMPLES)
+def test_response_template_parser_reads_the_templates_fields_streamed_or_whole(prompt, text, reasoning, content, calls):
+    parsed = template_parser(prompt, TOOLS).parse(text)
+    assert (parsed.reasoning, parsed.content, calls_of(parsed)) == (reasoning, content, calls)
+    for pieces in (list(text), random_pieces(text, 13), [text]):
+        p = template_parser(prompt, TOOLS)
+        deltas = [p.feed(piece) for piece in pieces] + [p.finish()]
+        assert "".join(d.reasoning for d in deltas) == (reasoning or "")
+        _, streamed, streamed_calls = stream_tools(template_parser(prompt, TOOLS), pieces)
+        assert streamed == (content or "")
+        assert [(c["name"], json.loads(c["arguments"])) for c in streamed_calls] == calls
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.sampled_from([CHATML, CHATML_OPEN_THINK]),
+    st.lists(
+        st.sampled_from(["<think>", "</think>", "<tool_call>", "</tool_call>", '{"name": "f"}', "{", "a", " ", "\n", "<"]),
+        max_size=10,
+    ),
+    st.data(),
+)
+def test_response_template_parser_any_split_streams_as_it_parses(prompt, parts, data):
+    text = "".join(parts)
+    parsed = template_parser(prompt).parse(text)
+    p = template_parser(prompt)
+    deltas = [p.feed(piece) for piece in pieces_at(text, split_points(data.draw, text))] + [p.finish()]
+    assert "".join(d.reasoning for d in deltas) == (parsed.reasoning or "")
+    assert "".join(d.content for d in deltas) == (parsed.content or "")
+    assert sum(1 for d in deltas for tc in d.tool_calls if tc.id) == len(parsed.tool_calls)

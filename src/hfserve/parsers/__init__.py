@@ -3,6 +3,8 @@
 Pure Python, no model library: both backends hand their generated text to the same parser, so
 both return the same ``tool_calls`` and ``reasoning``. Composition for a model that thinks and then
 calls a tool: run the reasoning parser first and feed only its content to the tool-call parser.
+A model whose tokenizer declares a ``response_template`` can instead be read by
+:class:`ResponseTemplateParser` (vLLM's ``hf``), which gives reasoning, content and calls at once.
 """
 
 from hfserve.parsers.reasoning import (
@@ -11,6 +13,7 @@ from hfserve.parsers.reasoning import (
     reasoning_parser,
     register_reasoning_parser,
 )
+from hfserve.parsers.response_template import RESPONSE_TEMPLATE_PARSER, ResponseTemplateParser
 from hfserve.parsers.tool_calls import (
     TOOL_CALL_PARSERS,
     ParsedMessage,
@@ -25,9 +28,11 @@ from hfserve.parsers.tool_calls import (
 
 __all__ = [
     "REASONING_PARSERS",
+    "RESPONSE_TEMPLATE_PARSER",
     "TOOL_CALL_PARSERS",
     "ParsedMessage",
     "ReasoningParser",
+    "ResponseTemplateParser",
     "StreamDelta",
     "ToolCall",
     "ToolCallDelta",

@@ -67,10 +67,14 @@ class ToolCall:
 
 @dataclass
 class ParsedMessage:
-    """A whole answer: ``content`` (None when empty or whitespace only) and its calls, in order."""
+    """A whole answer: ``content`` (None when empty or whitespace only) and its calls, in order.
+
+    ``reasoning`` is only filled by parsers that also read reasoning (the response-template parser).
+    """
 
     content: str | None
     tool_calls: list[ToolCall]
+    reasoning: str | None = None
 
 
 @dataclass
@@ -85,13 +89,17 @@ class ToolCallDelta:
 
 @dataclass
 class StreamDelta:
-    """What one :meth:`ToolCallParser.feed` releases. ``tool_calls`` may hold several deltas, for the same index too."""
+    """What one :meth:`ToolCallParser.feed` releases. ``tool_calls`` may hold several deltas, for the same index too.
+
+    ``reasoning`` is only filled by parsers that also read reasoning (the response-template parser).
+    """
 
     content: str = ""
     tool_calls: list[ToolCallDelta] = field(default_factory=list)
+    reasoning: str = ""
 
     def __bool__(self) -> bool:
-        return bool(self.content or self.tool_calls)
+        return bool(self.content or self.tool_calls or self.reasoning)
 
 
 def arguments_json(value: Any) -> str | None:
