@@ -327,6 +327,22 @@ def test_malformed_markup_comes_back_as_content(name, text):
         assert calls == [] and content == text.lstrip()
 
 
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("hermes", "<tool_call>" + '{"a":' * 50_000 + "1" + "}" * 50_000 + "</tool_call>"),
+        ("hermes", '<tool_call>{"name": "f", "arguments": ' + "[" * 50_000 + "]" * 50_000 + "}</tool_call>"),
+        ("llama3_json", '{"name": "f", "parameters": ' + '{"a":' * 50_000 + "1" + "}" * 50_000 + "}"),
+        ("mistral", "[TOOL_CALLS]" + "[" * 50_000 + "]" * 50_000),
+        ("mistral", "[TOOL_CALLS]f[ARGS]" + '{"a":' * 50_000 + "1" + "}" * 50_000),
+        ("pythonic", "[f(x=" + "[" * 50_000 + "]" * 50_000 + ")]"),
+    ],
+)
+def test_nesting_deeper_than_the_stack_is_content_not_a_crash(name, text):
+    parsed = tool_call_parser(name)().parse(text)
+    assert parsed.tool_calls == [] and parsed.content == text
+
+
 def test_a_bad_call_after_good_ones_keeps_the_good_ones():
     parsed = tool_call_parser("hermes")().parse(
         '<tool_call>{"name": "f", "arguments": {}}</tool_call>\n<tool_call>{"name": oops}</tool_call>'

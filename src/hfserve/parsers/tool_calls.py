@@ -113,13 +113,13 @@ def arguments_json(value: Any) -> str | None:
     if isinstance(value, str):
         try:
             value = json.loads(value)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
     if not isinstance(value, dict):
         return None
     try:
         return json.dumps(value, ensure_ascii=False)
-    except (TypeError, ValueError):  # pragma: no cover - json.loads output always serialises
+    except (TypeError, ValueError, RecursionError):
         return None
 
 
@@ -151,7 +151,7 @@ def _decode_prefix(text: str) -> tuple[Any, int] | None:
     """The JSON value at the start of ``text`` and where it ends, or None when there is none (yet)."""
     try:
         return _decoder.raw_decode(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than Python's stack
         return None
 
 
