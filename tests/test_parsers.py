@@ -33,7 +33,10 @@ TOOLS = [
         "type": "function",
         "function": {
             "name": "get_weather",
-            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}, "days": {"type": "integer"}, "hourly": {"type": ["boolean", "null"]}},
+            },
         },
     }
 ]
@@ -108,7 +111,17 @@ def calls_of(parsed: ParsedMessage) -> list[tuple[str, Any]]:
 
 
 def test_registered_names_are_vllms():
-    for name in ("hermes", "llama3_json", "llama4_json", "mistral", "pythonic", "llama4_pythonic"):
+    for name in (
+        "hermes",
+        "qwen3_json",
+        "qwen3_xml",
+        "qwen3_coder",
+        "llama3_json",
+        "llama4_json",
+        "mistral",
+        "pythonic",
+        "llama4_pythonic",
+    ):
         assert tool_call_parser(name) is TOOL_CALL_PARSERS[name]
     for name in ("deepseek_r1", "qwen3"):
         assert reasoning_parser(name) is REASONING_PARSERS[name]
@@ -224,6 +237,21 @@ EXAMPLES: list[tuple[str, str, str | None, list[tuple[str, Any]]]] = [
         [("f", {"s": 'a]"b', "t": "it's ]"}), ("g", {"u": "\\d]"})],
     ),
     ("pythonic", "Sure, here it is.", "Sure, here it is.", []),
+    # Qwen3-Coder's XML calls: values are text unless the tool's schema says otherwise
+    (
+        "qwen3_coder",
+        "I'll check.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nSan Francisco\n</parameter>\n"
+        "<parameter=days>\n5\n</parameter>\n<parameter=hourly>\ntrue\n</parameter>\n</function>\n</tool_call>",
+        "I'll check.",
+        [("get_weather", {"city": "San Francisco", "days": 5, "hourly": True})],
+    ),
+    (
+        "qwen3_xml",
+        "<tool_call>\n<function=other>\n<parameter=n>\n5\n<parameter=text>\nline one\nline two\n</function>\n</tool_call>",
+        None,
+        [("other", {"n": "5", "text": "line one\nline two"})],
+    ),
+    ("qwen3_xml", "<tool_call>\n<function=ping>\n</function>\n</tool_call>", None, [("ping", {})]),
 ]
 
 
@@ -313,6 +341,8 @@ MALFORMED = [
     ("pythonic", "[f(1, 2)]"),  # positional arguments cannot be named
     ("pythonic", "[f(x=open('/etc/passwd'))]"),  # not a literal: never evaluated
     ("pythonic", "[1, 2, 3] are numbers"),
+    ("qwen3_xml", "<tool_call>\n<function=f>\nstray text<parameter=a>\n1\n</parameter>\n</function>\n</tool_call>"),
+    ("qwen3_xml", '<tool_call>\n{"name": "f", "arguments": {}}\n</tool_call>'),  # JSON is the other parser's
 ]
 
 
@@ -387,9 +417,9 @@ def expected_content(name: str, pre: str, post: str, n_calls: int) -> str | None
 
 @st.composite
 def tool_outputs(draw: st.DrawFn) -> tuple[str, str, str | None, list[tuple[str, Any]], list[int]]:
-    name = draw(st.sampled_from(["hermes", "llama3_json", "mistral", "mistral_v11", "pythonic"]))
+    name = draw(st.sampled_from(["hermes", "llama3_json", "mistral", "mistral_v11", "pythonic", "qwen3_xml"]))
     calls = draw(st.lists(st.tuples(fn_names, arguments), min_size=1, max_size=3))
-    pre = draw(prose) if name in ("hermes", "mistral", "mistral_v11") else ""
+    pre = draw(prose) if name in ("hermes", "mistral", "mistral_v11", "qwen3_xml") else ""
     post = draw(prose)
     if name == "hermes":
         body = "".join(
@@ -397,6 +427,15 @@ def tool_outputs(draw: st.DrawFn) -> tuple[str, str, str | None, list[tuple[str,
             + "<tool_call>\n"
             + json.dumps({"name": n, "arguments": a}, ensure_ascii=draw(st.booleans()))
             + "\n</tool_call>"
+            for n, a in calls
+        )
+    elif name == "qwen3_xml":
+        text_values = st.dictionaries(identifiers, st.text(alphabet="ab \n{}[]\"'>/=1", max_size=12), max_size=3)
+        calls = draw(st.lists(st.tuples(fn_names, text_values), min_size=1, max_size=3))
+        body = "\n".join(
+            f"<tool_call>\n<function={n}>\n"
+            + "".join(f"<parameter={k}>\n{v}\n</parameter>\n" for k, v in a.items())
+            + "</function>\n</tool_call>"
             for n, a in calls
         )
     elif name == "llama3_json":

@@ -40,6 +40,7 @@ __all__ = [
     "MistralToolParser",
     "ParsedMessage",
     "PythonicToolParser",
+    "Qwen3XmlToolParser",
     "StreamDelta",
     "ToolCall",
     "ToolCallDelta",
@@ -323,14 +324,100 @@ class Hermes2ProToolParser(ToolCallParser):
 
     def _close(self, body: str, raw: str) -> None:
         self._set_state("content")
-        decoded = _decode_prefix(body.strip())
-        call = None
-        if decoded is not None and decoded[1] == len(body.strip()):
-            call = _call_from_object(decoded[0])
+        call = self._read_body(body)
         if call is None:
             self._content(raw)
         else:
             self._call(*call)
+
+    def _read_body(self, body: str) -> tuple[str, str] | None:
+        """A call's text between the tags -> (name, arguments JSON), None when it is not one."""
+        decoded = _decode_prefix(body.strip())
+        if decoded is None or decoded[1] != len(body.strip()):
+            return None
+        return _call_from_object(decoded[0])
+
+
+_XML_FUNCTION = re.compile(r"\s*<function=([^>\n]+)>(.*?)(?:</function>\s*)?", re.DOTALL)
+_XML_PARAMETER = re.compile(r"<parameter=([^>\n]+)>(.*?)(?:</parameter>|(?=<parameter=)|\Z)", re.DOTALL)
+
+
+def _schema_types(schema: Any) -> list[str]:
+    if not isinstance(schema, dict):
+        return []
+    declared = schema.get("type")
+    types = [declared] if isinstance(declared, str) else [t for t in declared or [] if isinstance(t, str)]
+    for key in ("anyOf", "oneOf"):
+        for choice in schema.get(key) or []:
+            types += _schema_types(choice)
+    return types
+
+
+def _coerce_xml_value(raw: str, schema: Any) -> Any:
+    """A ``<parameter>`` value (always text) as the type its JSON schema declares; text when it is not one."""
+    for kind in _schema_types(schema):
+        text = raw.strip()
+        if kind == "string":
+            return raw
+        if kind in ("integer", "number", "boolean", "null", "object", "array"):
+            try:
+                value = json.loads(text)
+            except (ValueError, RecursionError):
+                if kind == "boolean" and text in ("True", "False"):
+                    return text == "True"
+                continue
+            expected: dict[str, Any] = {
+                "integer": int,
+                "number": (int, float),
+                "boolean": bool,
+                "null": type(None),
+                "object": dict,
+                "array": list,
+            }
+            if isinstance(value, expected[kind]) and not (kind in ("integer", "number") and isinstance(value, bool)):
+                return value
+    return raw
+
+
+class Qwen3XmlToolParser(Hermes2ProToolParser):
+    """``qwen3_xml`` (also ``qwen3_coder``): Qwen3-Coder's XML calls inside ``<tool_call>`` tags.
+
+    ``<tool_call>\n<function=NAME>\n<parameter=KEY>\nVALUE\n</parameter>\n</function>\n</tool_call>``.
+    Values are text (one newline at each end is the template's and is dropped); a value whose
+    parameter the request's tool declares as a number, boolean, null, object or array is read as
+    that JSON type when it is one. A missing ``</parameter>`` ends at the next ``<parameter=``.
+    """
+
+    name = "qwen3_xml"
+
+    def _read_body(self, body: str) -> tuple[str, str] | None:
+        m = _XML_FUNCTION.fullmatch(body)
+        if m is None:
+            return None
+        name = m.group(1).strip()
+        properties: dict[str, Any] = {}
+        for tool in self.tools:
+            fn = tool.get("function", tool) if isinstance(tool, dict) else None
+            if isinstance(fn, dict) and fn.get("name") == name:
+                params = fn.get("parameters")
+                props = params.get("properties") if isinstance(params, dict) else None
+                properties = props if isinstance(props, dict) else {}
+        args: dict[str, Any] = {}
+        inner = m.group(2)
+        end = 0
+        for p in _XML_PARAMETER.finditer(inner):
+            if inner[end : p.start()].strip():
+                return None  # text between parameters: not this format
+            value = p.group(2)
+            value = value[1:] if value.startswith("\n") else value
+            value = value[:-1] if value.endswith("\n") else value
+            key = p.group(1).strip()
+            args[key] = _coerce_xml_value(value, properties.get(key))
+            end = p.end()
+        if inner[end:].strip() or not name:
+            return None
+        arguments = arguments_json(args)
+        return None if arguments is None else (name, arguments)
 
 
 class Llama3JsonToolParser(ToolCallParser):
@@ -614,6 +701,9 @@ class PythonicToolParser(ToolCallParser):
 
 _REGISTRY: dict[str, type[ToolCallParser]] = {
     "hermes": Hermes2ProToolParser,
+    "qwen3_json": Hermes2ProToolParser,
+    "qwen3_xml": Qwen3XmlToolParser,
+    "qwen3_coder": Qwen3XmlToolParser,
     "llama3_json": Llama3JsonToolParser,
     "llama4_json": Llama3JsonToolParser,
     "mistral": MistralToolParser,
