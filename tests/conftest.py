@@ -103,6 +103,42 @@ def llama_any(request) -> ServerHandle:
     return request.getfixturevalue("llama_hf" if request.param == "huggingface" else "llama_vllm")
 
 
+#: The agent model's server flags: auto tool choice read by the hermes parser, qwen3 reasoning.
+AGENT_FLAGS = ("--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--reasoning-parser", "qwen3")
+AGENT_MAX_MODEL_LEN = 1024
+
+
+@pytest.fixture(scope="session")
+def agent_hf(server_factory) -> ServerHandle:
+    """The trained agent model (tests/fixtures/agent_data.py: it answers its CONVERSATIONS with
+    tool calls and think blocks), on the transformers backend with AGENT_FLAGS."""
+    return server_factory("agent", "--backend", "huggingface", *AGENT_FLAGS)
+
+
+@pytest.fixture(scope="session")
+def agent_vllm(server_factory) -> ServerHandle:
+    """The same agent model and flags, served under the same name, on the vLLM backend."""
+    if not VLLM_INSTALLED:
+        pytest.skip("vLLM is not installed")
+    return server_factory(
+        "agent",
+        "--backend",
+        "vllm",
+        "--max_model_len",
+        str(AGENT_MAX_MODEL_LEN),
+        "--max_num_seqs",
+        str(VLLM_MAX_NUM_SEQS),
+        *AGENT_FLAGS,
+        name="agent",
+    )
+
+
+@pytest.fixture(params=["huggingface", pytest.param("vllm", marks=needs_vllm)])
+def agent_any(request) -> ServerHandle:
+    """The agent model on each backend in turn."""
+    return request.getfixturevalue("agent_hf" if request.param == "huggingface" else "agent_vllm")
+
+
 @pytest.fixture(scope="session")
 def llama_nochat(server_factory) -> ServerHandle:
     return server_factory("llama_nochat", "--backend", "huggingface")
