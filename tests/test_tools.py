@@ -73,6 +73,7 @@ def assemble(chunks: list[ChatCompletionChunk]) -> dict[str, Any]:
             delta = choice.delta
             content += delta.content or ""
             reasoning += (delta.model_extra or {}).get("reasoning") or ""
+            assert len(delta.tool_calls or []) <= 1, delta  # a call's header and its arguments: separate chunks
             for call in delta.tool_calls or []:
                 if call.index not in calls:  # a call's first delta carries id, type and name
                     assert call.id and call.type == "function" and call.function and call.function.name, call
@@ -228,3 +229,33 @@ async def test_history_errors(fake, message, param):
     server = await fake(Task.text_generation, chat_template=HISTORY_TEMPLATE)
     resp = await server.post(CHAT_PATH, {"model": "fake", "messages": [message]})
     assert_error(resp, "invalid_request", param=param)
+
+
+# ------------------------------------------------- hf: the model's own response template
+async def test_response_template_reads_reasoning_and_calls(fake, monkeypatch):
+    """--tool-call-parser hf --reasoning-parser hf: transformers' response template of the
+    tokenizer reads the answer, whole and streamed, into the same message."""
+    from tests.fakes import FakeTokenizer
+    from tests.test_parsers import QWEN_LIKE_TEMPLATE
+
+    monkeypatch.setattr(FakeTokenizer, "response_template", QWEN_LIKE_TEMPLATE, raising=False)
+    server = await serve(fake, enable_auto_tool_choice=True, tool_call_parser="hf", reasoning_parser="hf")
+    text = '<think>\nOslo, so get_weather.\n</think>\n\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    body = chat(text, tools=[WEATHER])
+    message = (await server.post(CHAT_PATH, body)).json()["choices"][0]["message"]
+    assert message["reasoning"] == "Oslo, so get_weather."
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in message["tool_calls"]] == [
+        ("get_weather", {"city": "Oslo"})
+    ]
+    out = assemble(await streamed(server, body))
+    assert out["reasoning"] == message["reasoning"]
+    assert [(c["name"], json.loads(c["arguments"])) for c in out["calls"]] == [("get_weather", {"city": "Oslo"})]
+    # tool_choice none: the template still reads the reasoning, the call stays text
+    none = (await server.post(CHAT_PATH, chat(text, tools=[WEATHER], tool_choice="none"))).json()["choices"][0]["message"]
+    assert none["reasoning"] == "Oslo, so get_weather." and not none.get("tool_calls")
+    assert "get_weather" in none["content"]
+
+
+async def test_response_template_missing_stops_the_start(fake):
+    with pytest.raises(ValueError, match="response template"):
+        await serve(fake, enable_auto_tool_choice=True, tool_call_parser="hf")

@@ -114,11 +114,14 @@ class ChoiceReader:
         reasoning_parser: type[ReasoningParser] | None = None,
         prompt_text: str | None = None,
         constrained: bool = False,
+        template_parser: ToolCallParser | None = None,
     ):
         self.plan = plan
         constrained = constrained or plan.constrained
         self.reasoning = reasoning_parser(prompt_text) if reasoning_parser is not None and not constrained else None
         self.tools = tool_parser(plan.tools) if tool_parser is not None and plan.mode == "auto" else None
+        #: the model's response template (``hf``): reads reasoning and calls in one pass
+        self.template = template_parser if not constrained else None
         self.calls = 0  # tool calls begun (streaming)
         self._named_id: str | None = None
         self._scanner = _ListScanner() if plan.mode == "required" else None
@@ -126,6 +129,10 @@ class ChoiceReader:
 
     # whole ---------------------------------------------------------------
     def whole(self, text: str) -> MessageParts:
+        if self.template is not None:
+            parsed = self.template.parse(text)
+            self._called = bool(parsed.tool_calls)
+            return MessageParts(parsed.content, parsed.reasoning, list(parsed.tool_calls))
         reasoning: str | None = None
         content: str | None = text
         if self.reasoning is not None:
@@ -152,6 +159,9 @@ class ChoiceReader:
             return self._named(text)
         if self.plan.mode == "required":
             return self._required(text)
+        if self.template is not None:
+            step = self.template.feed(text)
+            return DeltaParts(reasoning=step.reasoning).add(self._tool_delta(step.content, step.tool_calls))
         reasoning, content = ("", text) if self.reasoning is None else self.reasoning.feed(text)
         return DeltaParts(reasoning=reasoning).add(self._content(content))
 
@@ -159,6 +169,9 @@ class ChoiceReader:
         if self.plan.mode in ("named", "required"):
             return DeltaParts()
         out = DeltaParts()
+        if self.template is not None:
+            step = self.template.finish()
+            return DeltaParts(reasoning=step.reasoning).add(self._tool_delta(step.content, step.tool_calls))
         if self.reasoning is not None:
             reasoning, content = self.reasoning.finish()
             out = DeltaParts(reasoning=reasoning).add(self._content(content))

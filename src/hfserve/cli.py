@@ -43,6 +43,7 @@ from .config import (
 )
 from .sampling import generation_defaults
 from .storage import StorageError, is_uri, localize
+from .structured import check_server_config
 from .tasks import Task, TaskInferenceError, infer_task, parse_task
 
 DTYPES = ("auto", "float16", "float32", "bfloat16", "float", "half")
@@ -86,15 +87,22 @@ def _check_output_parsers(args: argparse.Namespace) -> None:
     has a tool-call parser to read the model's calls (vLLM's rule)."""
     from . import parsers
 
+    hf = parsers.RESPONSE_TEMPLATE_PARSER
     for flag, name, lookup in (
         ("--tool-call-parser", args.tool_call_parser, parsers.tool_call_parser),
         ("--reasoning-parser", args.reasoning_parser, parsers.reasoning_parser),
     ):
-        if name is not None:
+        if name is not None and name != hf:
             try:
                 lookup(name)
             except ValueError as exc:
                 _fail(f"{flag} {name}: {exc}")
+    if hf in (args.tool_call_parser, args.reasoning_parser) and None not in (args.tool_call_parser, args.reasoning_parser):
+        if args.tool_call_parser != args.reasoning_parser:
+            _fail(
+                f"--tool-call-parser {args.tool_call_parser} and --reasoning-parser {args.reasoning_parser}: the model's "
+                f"response template ({hf}) reads both or neither; give {hf} for both, or other parsers for both"
+            )
     if args.enable_auto_tool_choice and args.tool_call_parser is None:
         _fail("--enable-auto-tool-choice needs --tool-call-parser NAME, the parser that reads the model's tool calls")
 
@@ -112,6 +120,10 @@ def _model_defaults(args: argparse.Namespace) -> dict[str, Any]:
         generation_defaults({}, args.override_generation_config)
     except ValueError as exc:
         _fail(f"--override-generation-config: {exc}")
+    try:
+        check_server_config(args.structured_outputs_config or {})
+    except ValueError as exc:
+        _fail(f"--structured-outputs-config: {exc}")
     return {
         "name": names[0],
         "aliases": tuple(dict.fromkeys(n for n in names[1:] if n != names[0])),

@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from . import chat, errors
+from . import chat, errors, parsers
 from .backends.base import Backend
 from .config import ModelConfig
-from .generation import SamplingParams, SequenceDelta, TokenLogprob
+from .generation import SamplingParams, SequenceDelta, StructuredOutput, TokenLogprob
 from .sampling import PENALTIES, UNSUPPORTED_DEFAULTS, SamplingOptions, build_params, generation_defaults
+from .structured import json_schema, with_server_config
 from .tasks import Task
 
 logger = logging.getLogger("hfserve.service")
@@ -172,15 +173,37 @@ class ModelService:
         self.created = int(time.time())
         #: tool calling and reasoning: ``tool_choice: auto`` served, and who reads the output
         self.auto_tool_choice = model.enable_auto_tool_choice
-        self.tool_parser: Any = None
-        self.reasoning_parser: Any = None
-        if model.tool_call_parser is not None or model.reasoning_parser is not None:
-            from . import parsers
+        #: the parsers that read a choice's text (classes; ``hf``: the model's response template instead)
+        self.tool_parser: type[parsers.ToolCallParser] | None = None
+        self.reasoning_parser: type[parsers.ReasoningParser] | None = None
+        hf = parsers.RESPONSE_TEMPLATE_PARSER
+        if model.tool_call_parser not in (None, hf):
+            self.tool_parser = parsers.tool_call_parser(model.tool_call_parser)
+        if model.reasoning_parser not in (None, hf):
+            self.reasoning_parser = parsers.reasoning_parser(model.reasoning_parser)
+        #: what the tokenizer's response_template reads (``--tool-call-parser hf``, ``--reasoning-parser hf``)
+        self.template_reads_tools = model.tool_call_parser == hf
+        self.template_reads_reasoning = model.reasoning_parser == hf
 
-            if model.tool_call_parser is not None:
-                self.tool_parser = parsers.tool_call_parser(model.tool_call_parser)
-            if model.reasoning_parser is not None:
-                self.reasoning_parser = parsers.reasoning_parser(model.reasoning_parser)
+    def template_parser(
+        self, tools: list[dict[str, Any]], prompt_text: str, *, read_tools: bool
+    ) -> parsers.ToolCallParser | None:
+        """A reader of one answer by the model's own response template, when the server was told
+        to use it (``hf``); None otherwise. ``read_tools``: the request lets the model call tools."""
+        read_tools = read_tools and self.template_reads_tools
+        if not (read_tools or self.template_reads_reasoning):
+            return None
+        from transformers.utils.chat_parsing import ResponseParser
+
+        template = self.tokenizer.response_template
+        schemas: list[Any] | None = list(tools) or None
+        return parsers.ResponseTemplateParser(
+            tools,
+            make_parser=lambda prefix: ResponseParser(template, prefix=prefix, tools=schemas),
+            prompt_text=prompt_text,
+            parse_tools=read_tools,
+            parse_reasoning=self.template_reads_reasoning,
+        )
 
     # ------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -188,6 +211,14 @@ class ModelService:
             await self.backend.start()
             if self.backend.task in GENERATIVE_TASKS:
                 self.generation_defaults = self._generation_defaults()
+            if (self.template_reads_tools or self.template_reads_reasoning) and not getattr(
+                self.tokenizer, "response_template", None
+            ):
+                flag = "--tool-call-parser" if self.template_reads_tools else "--reasoning-parser"
+                raise ValueError(
+                    f"{flag} hf reads the model's response template, and this model's tokenizer has none "
+                    "(no response_template in tokenizer_config.json); name a parser for its output format instead"
+                )
         except BaseException:
             self.state = State.failed
             raise
@@ -407,9 +438,15 @@ class ModelService:
         return keep
 
     # ------------------------------------------------------------ generation
-    def sampling_params(self, opts: SamplingOptions, prompt_tokens: int, **options: Any) -> SamplingParams:
-        """``opts`` checked against this model's context length and its backend's abilities."""
-        return build_params(
+    def sampling_params(
+        self, opts: SamplingOptions, prompt_tokens: int, *, structured: StructuredOutput | None = None, **options: Any
+    ) -> SamplingParams:
+        """``opts`` checked against this model's context length and its backend's abilities.
+
+        ``structured``: the request's constraint (:mod:`hfserve.structured`), put on the params
+        under the server's ``--structured-outputs-config``; it is compiled (and so checked) when
+        the generation starts, before its first output (:meth:`generate`)."""
+        params = build_params(
             opts,
             prompt_tokens=prompt_tokens,
             max_model_len=self.backend.max_model_len,
@@ -417,6 +454,47 @@ class ModelService:
             defaults=self.generation_defaults,
             **options,
         )
+        if structured is not None:
+            params.structured = self.structured(structured)
+        return params
+
+    @property
+    def disable_any_whitespace(self) -> bool:
+        """The server's ``--structured-outputs-config`` ``disable_any_whitespace``."""
+        return bool(self.model.structured_outputs_config.get("disable_any_whitespace", False))
+
+    def structured(self, so: StructuredOutput) -> StructuredOutput:
+        """A constraint checked against the backend's abilities and statically (a JSON schema's
+        keywords: :func:`hfserve.structured.json_schema`), under the server's
+        ``--structured-outputs-config``."""
+        param = so.param or "structured_outputs"
+        if not self.backend.capabilities.structured_outputs:
+            raise errors.UnsupportedParameter(
+                f"{param}: structured outputs are not supported by the {self.backend.name} backend for this model; "
+                "remove the constraint",
+                param=param,
+            )
+        if so.kind == "json":
+            checked = json_schema(so.source, param=param)
+            so = StructuredOutput("json", checked.source, so.disable_any_whitespace, so.param)
+        return with_server_config(so, self.model.structured_outputs_config)
+
+    async def check_structured(self, so: StructuredOutput | None, request_id: str | None = None) -> StructuredOutput | None:
+        """:meth:`structured`, then compiled now (off the event loop, within the time limit): the
+        constraint to put on the params, or its error (``invalid_request`` /
+        ``unsupported_parameter`` with ``so.param``). For constraints built outside
+        :meth:`sampling_params` (tool calling). None stays None."""
+        if so is None:
+            return None
+        so = self.structured(so)
+        await self.prepare_structured(so, request_id)
+        return so
+
+    async def prepare_structured(self, so: StructuredOutput, request_id: str | None = None) -> None:
+        """Compile (and so check) a constraint now: its errors, contract errors with its param.
+        :meth:`generate` does it before the first output; tool calling may call it earlier."""
+        with self.backend.map_exceptions(request_id):
+            await self.backend.prepare_structured(so)
 
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str
@@ -425,6 +503,8 @@ class ModelService:
         self.check_ready()
         if params.stop_token_ids:
             self.check_token_ids(params.stop_token_ids, "stop_token_ids")
+        if params.structured is not None:  # before any output: an invalid constraint is a plain 400
+            await self.prepare_structured(params.structured, request_id)
         stream = self.backend.generate(prompt_ids, params, request_id)
         try:
             while True:

@@ -43,6 +43,7 @@ from ..generation import SequenceDelta, TokenLogprob
 from ..parsers.tool_calls import ToolCallDelta
 from ..sampling import SamplingOptions
 from ..service import ModelService, cut, merge
+from ..structured import from_request as structured_output
 from ..tasks import Task
 from .routing import ContractRoute, JSONResponse, json_schema_body, read_json, request_id, sse, sse_response, until_disconnect
 
@@ -86,6 +87,11 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool = False
 
 
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text", "json_object", "json_schema"]
+
+
 class CompletionRequest(SamplingOptions):
     model: str
     prompt: str | list[str] | list[int] | list[list[int]]
@@ -96,11 +102,14 @@ class CompletionRequest(SamplingOptions):
     best_of: Annotated[int, Field(ge=1)] | None = None
     suffix: str | None = None
     truncate_prompt_tokens: TruncatePromptTokens = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict[str, Any] | None = None  # vLLM's request extra
 
 
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    type: Literal["text", "json_object", "json_schema"]
+def _structured(body: CompletionRequest | ChatCompletionRequest) -> Any:
+    """The request's output constraint (``response_format`` / ``structured_outputs``), or None."""
+    rf = body.response_format.model_dump() if body.response_format is not None else None
+    return structured_output(response_format=rf, structured_outputs=body.structured_outputs)
 
 
 class ChatCompletionRequest(SamplingOptions):
@@ -112,6 +121,7 @@ class ChatCompletionRequest(SamplingOptions):
     stream: bool = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
+    structured_outputs: dict[str, Any] | None = None  # vLLM's request extra
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -270,6 +280,7 @@ async def create_completion(request: Request) -> Response:
     _check_stream_options(body)
     prompts = _prompts(service, body.prompt, service.truncation(body.truncate_prompt_tokens, generative=True))
     want_prompt_lp = body.logprobs if (body.echo and body.logprobs is not None) else None
+    constraint = _structured(body)
     params = [
         service.sampling_params(
             body,
@@ -277,6 +288,7 @@ async def create_completion(request: Request) -> Response:
             default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS,
             logprobs=body.logprobs,
             prompt_logprobs=want_prompt_lp,
+            structured=constraint,
         )
         for ids, _ in prompts
     ]
@@ -426,10 +438,6 @@ def _check_chat_options(service: ModelService, body: ChatCompletionRequest) -> N
             "function_call (OpenAI's deprecated form of tool_choice) is not supported; send tool_choice",
             param="function_call",
         )
-    if body.response_format is not None and body.response_format.type != "text":
-        raise errors.UnsupportedParameter(
-            f"response_format {body.response_format.type!r} is not supported; only 'text' is", param="response_format.type"
-        )
     if body.top_logprobs is not None and not body.logprobs:
         raise errors.InvalidRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
     _check_stream_options(body)
@@ -498,6 +506,7 @@ def _reader(service: ModelService, plan: tools.ToolPlan, prompt_text: str, const
         reasoning_parser=service.reasoning_parser,
         prompt_text=prompt_text,
         constrained=constrained,
+        template_parser=service.template_parser(plan.tools, prompt_text, read_tools=plan.mode == "auto"),
     )
 
 
@@ -532,6 +541,7 @@ async def create_chat_completion(request: Request) -> Response:
         logprobs_param="top_logprobs",
         max_tokens_param=max_param,
         max_tokens=body.max_completion_tokens,
+        structured=_structured(body),
     )
     if plan.constrained:
         tool_constraint = plan.constraint(disable_any_whitespace=service.disable_any_whitespace)
@@ -604,23 +614,33 @@ async def _stream_chat(
 
     role = _response_role(service, body)
 
-    def delta_choice(d: SequenceDelta, first: bool) -> ChunkChoice | None:
-        """The chunk choice of one delta; None when the reader holds its text back (a tag not yet
-        complete) and there is nothing else to send."""
+    def delta_choices(d: SequenceDelta, first: bool) -> list[ChunkChoice]:
+        """The chunk choices of one delta, each for a chunk of its own: the text (reasoning,
+        content; the role on the first), then each tool-call delta (a call's header, then its
+        arguments, as OpenAI streams them). Empty when the reader holds the text back (a tag not
+        yet complete) and there is nothing else to send."""
         choice_reader = readers.get(d.index)
         if choice_reader is None:
             choice_reader = readers[d.index] = reader()
         parts = choice_reader.feed(d.text)
         if d.finish_reason is not None:
             parts = parts.add(choice_reader.finish())
-        if not (first or parts or d.finish_reason is not None or (body.logprobs and d.logprobs)):
-            return None
-        return ChunkChoice(
-            index=d.index,
-            delta=_delta(role if first else None, parts),
-            finish_reason=None if d.finish_reason is None else choice_reader.finish_reason(d.finish_reason),  # type: ignore[arg-type]
-            logprobs=ChunkLogprobs(content=_chat_logprobs(d.logprobs, k)) if body.logprobs else None,
-        )
+        text = DeltaParts(parts.content, parts.reasoning)
+        pieces = [DeltaParts(tool_calls=[call]) for call in parts.tool_calls]
+        if text or first or not pieces:
+            pieces.insert(0, text)
+        if pieces == [text] and not (first or text or d.finish_reason is not None or (body.logprobs and d.logprobs)):
+            return []
+        finish = None if d.finish_reason is None else choice_reader.finish_reason(d.finish_reason)
+        return [
+            ChunkChoice(
+                index=d.index,
+                delta=_delta(role if first and i == 0 else None, piece),
+                finish_reason=finish if i == len(pieces) - 1 else None,  # type: ignore[arg-type]
+                logprobs=ChunkLogprobs(content=_chat_logprobs(d.logprobs if i == 0 else None, k)) if body.logprobs else None,
+            )
+            for i, piece in enumerate(pieces)
+        ]
 
     async def events() -> AsyncIterator[str]:
         started: set[int] = set()
@@ -629,14 +649,16 @@ async def _stream_chat(
             out = []
             for d in deltas:
                 generated[d.index] += len(d.token_ids)
-                choice = delta_choice(d, d.index not in started)
+                choices = delta_choices(d, d.index not in started)
                 started.add(d.index)
-                if choice is None:
-                    continue
                 if continuous_usage:  # vLLM's layout: a chunk per choice, with that choice's usage so far
-                    yield chunk([choice], _usage(len(prompt_ids), generated[d.index]))
-                else:
-                    out.append(choice)
+                    for choice in choices:
+                        yield chunk([choice], _usage(len(prompt_ids), generated[d.index]))
+                elif len(choices) == 1:
+                    out.append(choices[0])
+                else:  # a choice index appears once per chunk
+                    for choice in choices:
+                        yield chunk([choice])
             if out:
                 yield chunk(out)
         completion_tokens = sum(generated)
