@@ -17,7 +17,9 @@ StructuredKind = Literal["json", "regex", "choice", "grammar", "json_object", "s
 class StructuredOutput:
     """A constraint on what a request may generate, in one canonical form for every backend.
 
-    ``source``: for ``json`` the JSON schema as compact JSON text with sorted keys; ``regex``
+    ``source``: for ``json`` the JSON schema as compact JSON text, its keys in the order given
+    (not sorted: a schema's property order is the order the output's properties are generated in,
+    as in OpenAI's and vLLM's structured outputs; :func:`hfserve.structured.json_schema` makes it); ``regex``
     the pattern; ``choice`` a JSON list of the allowed strings; ``grammar`` the EBNF (GBNF)
     text; ``json_object`` empty (any JSON object); ``structural_tag`` the structural tag as
     JSON text. Equal constraints have equal sources, so a compiled grammar is cached by

@@ -20,6 +20,7 @@ from .. import __version__, errors
 from ..predict import INPUT_NAME, OUTPUT_NAME, Prediction, Tensor, model_metadata, predict
 from ..sampling import SamplingOptions
 from ..service import ModelService
+from ..structured import from_structured_outputs
 from ..tasks import Task
 from ..validation import check_content_type, load_json, validate
 from .routing import (
@@ -335,6 +336,7 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
 def _generate_options(body: GenerateRequest) -> SamplingOptions:
     top = body.model_dump(exclude_unset=True, exclude={"text_input", "parameters", "stream"})
     nested = dict(body.parameters or {})
+    nested.pop("structured_outputs", None)  # vLLM's request extra: see _prepare_generate
     for key in set(top) & set(nested):
         raise errors.InvalidRequest(f"{key} is given both at the top level and in parameters", param=f"parameters.{key}")
     opts = validate(nested, SamplingOptions, prefix="parameters")
@@ -350,10 +352,12 @@ async def _prepare_generate(request: Request, name: str, version: str | None) ->
     if opts.n != 1:
         raise errors.UnsupportedParameter("n must be 1 on the generate routes", param="parameters.n")
     prompt = service.tokenize(body.text_input)
+    constraint = (body.parameters or {}).get("structured_outputs")
     params = service.sampling_params(
         opts,
         len(prompt),
         default_max_tokens=None,
+        structured=None if constraint is None else from_structured_outputs(constraint, param="parameters.structured_outputs"),
     )
     return service, body, prompt, params
 

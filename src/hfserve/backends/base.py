@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from .. import errors
-from ..generation import Capabilities, SamplingParams, SequenceDelta
+from ..generation import Capabilities, SamplingParams, SequenceDelta, StructuredOutput
 from ..tasks import Task
 
 if TYPE_CHECKING:
@@ -143,6 +143,16 @@ class Backend(abc.ABC):
         iterator early (client gone) must cancel the work.
         """
         raise NotImplementedError
+
+    async def prepare_structured(self, so: StructuredOutput) -> None:
+        """Check (and compile, where the backend compiles) a request's constraint before its
+        generation starts, off the event loop and within the time limit, so that an invalid or
+        unsupported one is refused before any output (``invalid_request`` /
+        ``unsupported_parameter``, with ``so.param``). This default builds the
+        vocabulary-independent grammar (:func:`hfserve.structured.validate`)."""
+        from ..structured import validate
+
+        await validate(so)
 
     # encoder tasks -----------------------------------------------------
     async def embed(self, inputs: list[list[int]]) -> list[list[float]]:

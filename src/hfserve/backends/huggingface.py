@@ -44,7 +44,7 @@ import transformers
 
 from .. import errors
 from ..config import BatchingConfig, EngineConfig, ModelConfig
-from ..generation import Capabilities, SamplingParams, SequenceDelta
+from ..generation import Capabilities, SamplingParams, SequenceDelta, StructuredOutput
 from ..tasks import (
     Task,
     TaskInferenceError,
@@ -56,6 +56,7 @@ from ..tasks import (
 from .base import Backend, resolve_dtype
 from .batching import BatchWindow, MicroBatcher
 from .encoders import EncoderTasks
+from .grammar import GrammarEngine
 from .scheduler import GenerationScheduler
 
 logger = logging.getLogger("hfserve.backends.huggingface")
@@ -146,7 +147,8 @@ class HuggingFaceBackend(Backend):
         self.default_seed: int | None = None if engine_args.get("seed") is None else int(engine_args["seed"])
         self.max_logprobs = int(engine_args.get("max_logprobs", DEFAULT_MAX_LOGPROBS))
         self.capabilities = Capabilities(
-            max_logprobs=max(self.max_logprobs, 0), max_n=16, penalties=True, prompt_logprobs=True, min_tokens=True
+            max_logprobs=max(self.max_logprobs, 0), max_n=16, penalties=True, prompt_logprobs=True, min_tokens=True,
+            structured_outputs=True,
         )
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="hf-model")
         self.model: Any = None
@@ -162,6 +164,8 @@ class HuggingFaceBackend(Backend):
         # the parts, built once the model is loaded (the scheduler for generative models only)
         self.encoders: EncoderTasks | None = None
         self.scheduler: GenerationScheduler | None = None
+        #: structured outputs: xgrammar over the tokenizer (generative models only, see :mod:`.grammar`)
+        self.grammar: GrammarEngine | None = None
         # encoder tasks: merged forward passes
         self.batcher = MicroBatcher(self._run_encoder, self._executor, max_batch_size=self.max_batch_size, window=self.window)
 
@@ -247,6 +251,7 @@ class HuggingFaceBackend(Backend):
                 window=self.window,
                 stats=self.stats,
             )
+            self.grammar = self._grammar_engine()
         logger.info(
             "loaded %s (%s) for %s on %s as %s, max_model_len %d",
             self.model_path,
@@ -256,6 +261,20 @@ class HuggingFaceBackend(Backend):
             dtype,
             self.max_model_len,
         )
+
+    def _grammar_engine(self) -> GrammarEngine | None:
+        """xgrammar over the tokenizer, with the logits' width as the vocabulary size; None (and
+        structured outputs refused) when xgrammar cannot read this tokenizer."""
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        width = getattr(getattr(head, "weight", None), "shape", (None,))[0]
+        if not isinstance(width, int) or width <= 0:
+            width = int(getattr(self.config.get_text_config(), "vocab_size", 0) or len(self.tokenizer))
+        try:
+            return GrammarEngine(self.tokenizer, max(width, len(self.tokenizer)))
+        except Exception as exc:  # noqa: BLE001 - the model still serves, without structured outputs
+            logger.warning("structured outputs are not available: xgrammar cannot read this tokenizer (%s)", exc)
+            self.capabilities = dataclasses.replace(self.capabilities, structured_outputs=False)
+            return None
 
     def _model_eos_ids(self) -> set[int]:
         """The generation config's and the tokenizer's end-of-sequence ids."""
@@ -280,6 +299,8 @@ class HuggingFaceBackend(Backend):
         torch while the interpreter exits aborts the process (exit code -6 instead of 0)."""
         if self.scheduler is not None:
             await self.scheduler.stop()
+        if self.grammar is not None:
+            self.grammar.shutdown()
         await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
 
     @property
@@ -310,6 +331,15 @@ class HuggingFaceBackend(Backend):
         return errors.classify(exc, request_id)
 
     # ------------------------------------------------------------ generation
+    def _grammar(self) -> GrammarEngine:
+        if self.grammar is None:
+            raise errors.UnsupportedParameter("Structured outputs are not available for this model")
+        return self.grammar
+
+    async def prepare_structured(self, so: StructuredOutput) -> None:
+        """Compile the grammar now (cached), so that its errors come before any output."""
+        await self._grammar().compile(so)
+
     async def generate(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str
     ) -> AsyncIterator[list[SequenceDelta]]:
@@ -317,7 +347,12 @@ class HuggingFaceBackend(Backend):
         A request without a seed gets the server's (``--seed``), if any."""
         if params.seed is None and self.default_seed is not None:
             params = dataclasses.replace(params, seed=self.default_seed)
-        stream = self._generation().generate(prompt_ids, params, request_id)
+        processors = []
+        if params.structured is not None:  # a grammar mask on this request's rows (compiled before, so cached)
+            engine = self._grammar()
+            compiled = await engine.compile(params.structured)
+            processors.append(engine.processor(compiled, self.eos_token_ids | set(params.stop_token_ids)))
+        stream = self._generation().generate(prompt_ids, params, request_id, processors=processors)
         async with contextlib.aclosing(stream):
             with self.map_exceptions(request_id):
                 async for deltas in stream:

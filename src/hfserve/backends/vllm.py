@@ -27,9 +27,11 @@ from typing import Any, Literal
 
 from .. import errors
 from ..config import EngineConfig, ModelConfig
-from ..generation import Capabilities, SamplingParams, SequenceDelta, TokenLogprob
+from ..generation import Capabilities, SamplingParams, SequenceDelta, StructuredOutput, TokenLogprob
+from ..structured import check_server_config, compile_error, ebnf, strip_internals
 from ..tasks import Task, TaskInferenceError, infer_task, sentence_transformers_pooling
 from .base import Backend, resolve_dtype
+from .grammar import GrammarEngine
 
 logger = logging.getLogger("hfserve.backends.vllm")
 
@@ -153,6 +155,10 @@ class VLLMBackend(Backend):
         self._dead = False
         self._load_future: asyncio.Future[Any] | None = None
         self._ids = itertools.count()
+        #: ``--structured-outputs-config``, checked (vLLM's engine gets it with backend xgrammar)
+        self.structured_config = check_server_config(model.structured_outputs_config)
+        #: compiles each constraint before vLLM gets it: the same checks, limit and errors as the HF backend
+        self.grammar: GrammarEngine | None = None
 
     # ------------------------------------------------------------------ load
     def _engine_args(self) -> Any:
@@ -180,7 +186,13 @@ class VLLMBackend(Backend):
             kwargs["runner"] = "pooling"
             kwargs["pooler_config"] = PoolerConfig(seq_pooling_type=_POOLING[mode], use_activation=normalize)
         else:
+            from vllm.config.structured_outputs import StructuredOutputsConfig
+
             kwargs["runner"] = "generate"
+            # xgrammar always (vLLM's auto may fall back to guidance, whose outputs differ from the HF backend's)
+            kwargs["structured_outputs_config"] = StructuredOutputsConfig(
+                backend="xgrammar", disable_any_whitespace=self.structured_config["disable_any_whitespace"]
+            )
         return AsyncEngineArgs(**kwargs)
 
     def _dtype(self, cpu: bool) -> str:
@@ -232,12 +244,18 @@ class VLLMBackend(Backend):
         if max_logprobs < 0:  # -1: the whole vocabulary
             max_logprobs = int(model_config.get_vocab_size())
         max_n = int(engine.vllm_config.scheduler_config.max_num_seqs)
+        if task is Task.text_generation:
+            try:
+                self.grammar = await asyncio.to_thread(GrammarEngine, self.tokenizer, int(model_config.get_vocab_size()))
+            except Exception as exc:  # noqa: BLE001 - the model still serves, without structured outputs
+                logger.warning("structured outputs are not available: xgrammar cannot read this tokenizer (%s)", exc)
         self.capabilities = Capabilities(
             max_logprobs=max_logprobs,
             max_n=max(1, max_n),
             penalties=True,
             prompt_logprobs=True,
             min_tokens=True,
+            structured_outputs=self.grammar is not None,
         )
         hf_config = model_config.hf_config
         self.labels = {int(k): str(v) for k, v in (getattr(hf_config, "id2label", None) or {}).items()}
@@ -268,6 +286,8 @@ class VLLMBackend(Backend):
         if engine is not None:
             with contextlib.suppress(Exception):
                 engine.shutdown()
+        if self.grammar is not None:
+            self.grammar.shutdown()
 
     def healthy(self) -> bool:
         if self._dead:
@@ -337,6 +357,36 @@ class VLLMBackend(Backend):
         # the same hfserve request id can run several prompts (and n copies for greedy n > 1)
         return f"{request_id}-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
 
+    async def prepare_structured(self, so: StructuredOutput) -> None:
+        """Compile the constraint as the HF backend does (same limit, same errors) before vLLM gets it."""
+        if self.grammar is None:
+            raise errors.UnsupportedParameter("Structured outputs are not available for this model")
+        await self.grammar.compile(so)
+
+    def _structured_params(self, so: StructuredOutput | None) -> Any:
+        """hfserve's constraint as vLLM's ``StructuredOutputsParams``. vLLM's xgrammar backend reads
+        ``disable_any_whitespace`` from the engine's config only; a request that asks for it on a
+        server without it gets its JSON schema as the equivalent grammar (the same language, so the
+        same token masks)."""
+        if so is None:
+            return None
+        from vllm.sampling_params import StructuredOutputsParams
+
+        daw = so.disable_any_whitespace
+        if so.kind in ("json", "json_object") and daw != self.structured_config["disable_any_whitespace"]:
+            return StructuredOutputsParams(grammar=ebnf(so), disable_any_whitespace=daw)
+        if so.kind == "json":
+            return StructuredOutputsParams(json=so.source, disable_any_whitespace=daw)
+        if so.kind == "json_object":
+            return StructuredOutputsParams(json_object=True, disable_any_whitespace=daw)
+        if so.kind == "choice":
+            return StructuredOutputsParams(choice=json.loads(so.source), disable_any_whitespace=daw)
+        if so.kind == "regex":
+            return StructuredOutputsParams(regex=so.source, disable_any_whitespace=daw)
+        if so.kind == "grammar":
+            return StructuredOutputsParams(grammar=so.source, disable_any_whitespace=daw)
+        return StructuredOutputsParams(structural_tag=so.source, disable_any_whitespace=daw)
+
     def _vllm_params(self, params: SamplingParams, n: int) -> Any:
         from vllm.sampling_params import RequestOutputKind
         from vllm.sampling_params import SamplingParams as VSamplingParams
@@ -361,6 +411,7 @@ class VLLMBackend(Backend):
                 repetition_penalty=params.repetition_penalty,
                 skip_special_tokens=True,
                 output_kind=RequestOutputKind.DELTA,
+                structured_outputs=self._structured_params(params.structured),
             )
         except ValueError as exc:
             from vllm.exceptions import VLLMError
@@ -469,8 +520,11 @@ class VLLMBackend(Backend):
                 if deltas:
                     yield deltas
             closed_early = False
-        except Exception:
+        except Exception as exc:
             closed_early = False
+            if params.structured is not None and _about_grammar(exc):
+                logger.info("request %s: vLLM refused the constraint: %s", request_id, exc)
+                raise compile_error(exc, params.structured) from exc
             raise
         finally:
             # closing vLLM's generator aborts the request in the engine; abort again by id in case
@@ -515,7 +569,22 @@ class VLLMBackend(Backend):
                 await asyncio.gather(*pending, return_exceptions=True)
 
 
+_GRAMMAR_WORDS = re.compile(r"grammar|schema|regex|structural|structured|choice|json|xgrammar", re.I)
+
+
+def _about_grammar(exc: BaseException) -> bool:
+    """Whether vLLM refused a request's structured-output constraint (its validation error or a
+    plain ValueError about the grammar), rather than anything else."""
+    if isinstance(exc, errors.HFServeError):
+        return False
+    try:
+        from vllm.exceptions import VLLMValidationError
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(exc, VLLMValidationError | ValueError) and bool(_GRAMMAR_WORDS.search(str(exc)))
+
+
 def _clean(message: str) -> str:
     """A vLLM message made fit for a client: no class reprs, no code quoting."""
-    message = _CLASS_REPR.sub(r"\1", str(message))
+    message = _CLASS_REPR.sub(r"\1", strip_internals(str(message)))
     return message.replace("`", "").strip()
