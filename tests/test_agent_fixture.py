@@ -167,3 +167,17 @@ def test_greedy_answer_served(agent_any, tokenizer, conv):
     choice = r.json()["choices"][0]
     assert choice["text"] == conv.answer
     assert choice["finish_reason"] == "stop"
+
+
+def test_greedy_answers_batched(agent_any, tokenizer):
+    """All prompts in one request (decoded in one batch, padded differently): the same answers."""
+    body = {
+        "model": agent_any.name,
+        "prompt": [conv.render(tokenizer) for conv in CONVERSATIONS],
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+    }
+    r = httpx.post(f"{agent_any.openai_url}/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    texts = {c["index"]: c["text"] for c in r.json()["choices"]}
+    assert [texts[i] for i in range(len(CONVERSATIONS))] == [conv.answer for conv in CONVERSATIONS]
