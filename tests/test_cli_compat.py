@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import pathlib
 import subprocess
 import sys
 
@@ -112,6 +113,37 @@ def test_unknown_flags_warn_once_with_the_closest_flag(models, engine_parser, ca
     assert "--max_modl_len (did you mean --max_model_len?)" in warnings[0]
     assert "--max-num-seq (did you mean --max-num-seqs?)" in warnings[0]
     assert config.model.max_model_len is None  # an unknown flag sets nothing
+
+
+def test_without_vllm_every_vllm_flag_is_recognised(models, monkeypatch, caplog):
+    """Without vLLM, the snapshot of vLLM's flags (vllm_flags.json) keeps them from being called
+    unknown: engine flags are engine arguments (named at start-up as without effect), frontend
+    flags are named as without effect, switches in both forms."""
+    monkeypatch.setattr(cli, "vllm_installed", lambda: False)
+    argv = [
+        "--model_dir", str(models["llama"]), "--max-cpu-loras", "4", "--enable-sleep-mode", "--no-enable-prefix-caching",
+        "--speculative_config", '{"method": "ngram"}', "--port", "8000", "--frobnicate",
+    ]  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="hfserve.cli"):
+        config = resolve(build_parser().parse_args(argv))
+    assert dict(config.engine.engine_args) == {
+        "max_cpu_loras": "4", "enable_sleep_mode": True, "enable_prefix_caching": False,
+        "speculative_config": '{"method": "ngram"}',
+    }  # fmt: skip
+    lines = [r.getMessage() for r in caplog.records if r.name == "hfserve.cli"]
+    (unknown,) = [line for line in lines if "unknown" in line]
+    assert "--frobnicate" in unknown and "loras" not in unknown and "sleep" not in unknown
+    assert any("--port (use --http_port)" in line for line in lines if "no effect" in line)
+
+
+@pytest.mark.skipif(not VLLM_INSTALLED, reason="vLLM is not installed")
+def test_vllm_flag_snapshot_matches_the_installed_vllm():
+    """vllm_flags.json is regenerated (.ci/vllm_flags.py) whenever the pinned vLLM changes."""
+    root = pathlib.Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [sys.executable, str(root / ".ci" / "vllm_flags.py"), "--check"], capture_output=True, text=True, timeout=300, cwd=root
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 @pytest.mark.skipif(not VLLM_INSTALLED, reason="vLLM is not installed")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import importlib.resources
 import importlib.util
 import json
 import logging
@@ -232,7 +233,18 @@ def _vllm_parser() -> tuple[Any, frozenset[str]]:
     return parser, frozenset(f.name for f in dataclasses.fields(AsyncEngineArgs))
 
 
+def _vllm_flag_snapshot() -> list[dict[str, Any]]:
+    """vLLM's flags as the last vLLM hfserve was checked against defines them (``vllm_flags.json``,
+    written by ``.ci/vllm_flags.py`` from vLLM's own parser): names, switches, engine fields."""
+    text = importlib.resources.files("hfserve").joinpath("vllm_flags.json").read_text()
+    return list(json.loads(text)["flags"])
+
+
 def _fallback_parser() -> tuple[argparse.ArgumentParser, frozenset[str]]:
+    """Without vLLM: the common engine flags typed (the same Config as with vLLM), and every other
+    flag of vLLM's snapshot recognised (its value kept as text), so that a deployment's vLLM flags
+    are named as having no effect rather than as unknown."""
+
     class FallbackParser(argparse.ArgumentParser):
         def error(self, message: str) -> NoReturn:
             _fail(message)
@@ -246,7 +258,22 @@ def _fallback_parser() -> tuple[argparse.ArgumentParser, frozenset[str]]:
             parser.add_argument(f"--{name}", type=kind)
     parser.add_argument("-tp", dest="tensor_parallel_size", type=int)
     parser.add_argument("-pp", dest="pipeline_parallel_size", type=int)
-    return parser, frozenset(FALLBACK_ENGINE_FLAGS)
+    taken = {o for a in parser._actions for o in a.option_strings}
+    engine = set(FALLBACK_ENGINE_FLAGS)
+    for flag in _vllm_flag_snapshot():
+        if flag["engine"]:
+            engine.add(flag["dest"])
+        # argv is in snake_case here (short flags as given)
+        spellings = {(o if not o.startswith("--") else "--" + o[2:].replace("-", "_")): o for o in flag["options"]}
+        for spelled, original in spellings.items():
+            if spelled in taken:
+                continue
+            taken.add(spelled)
+            if "switch" in flag:
+                parser.add_argument(spelled, dest=flag["dest"], action="store_const", const=flag["switch"][original])
+            else:
+                parser.add_argument(spelled, dest=flag["dest"])
+    return parser, frozenset(engine)
 
 
 def vllm_installed() -> bool:
