@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import pathlib
+import re
 import subprocess
 import sys
 
