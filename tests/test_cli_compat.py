@@ -264,3 +264,13 @@ def test_hfserve_flags_alone_do_not_import_vllm(models):
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.skipif(not VLLM_INSTALLED, reason="vLLM is not installed")
+def test_vllm_config_file(models, tmp_path):
+    """vLLM's --config FILE (YAML of its flags) is read by vLLM's own parser, as with vllm serve."""
+    (tmp_path / "engine.yaml").write_text("max-num-seqs: 3\nenforce-eager: true\nmax-logprobs: 7\n")
+    config = resolve(build_parser().parse_args(["--model_dir", str(models["llama"]), "--config", str(tmp_path / "engine.yaml")]))
+    assert {k: config.engine.engine_args[k] for k in ("max_num_seqs", "enforce_eager", "max_logprobs")} == {
+        "max_num_seqs": 3, "enforce_eager": True, "max_logprobs": 7,
+    }  # fmt: skip
