@@ -103,8 +103,12 @@ def llama_any(request) -> ServerHandle:
     return request.getfixturevalue("llama_hf" if request.param == "huggingface" else "llama_vllm")
 
 
-#: The agent model's server flags: auto tool choice read by the hermes parser, qwen3 reasoning.
-AGENT_FLAGS = ("--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--reasoning-parser", "qwen3")
+#: The agent model's server flags: auto tool choice read by the hermes parser, qwen3 reasoning, and
+#: constrained JSON without free whitespace (forced tool calls, structured outputs)
+AGENT_FLAGS = (
+    "--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--reasoning-parser", "qwen3",
+    "--structured-outputs-config", '{"disable_any_whitespace": true}',
+)  # fmt: skip
 AGENT_MAX_MODEL_LEN = 1024
 
 

@@ -259,3 +259,54 @@ async def test_response_template_reads_reasoning_and_calls(fake, monkeypatch):
 async def test_response_template_missing_stops_the_start(fake):
     with pytest.raises(ValueError, match="response template"):
         await serve(fake, enable_auto_tool_choice=True, tool_call_parser="hf")
+
+
+# ------------------------------------------------------------- forced calls (constrained decoding)
+async def forced_server(fake: Any) -> Any:
+    server = await serve(fake)
+    server.backend.capabilities.structured_outputs = True  # the fake checks constraints, as the real backends
+    return server
+
+
+async def test_required_output_becomes_calls(fake):
+    """The constrained output of tool_choice required (vLLM's list of {name, parameters}) read into
+    tool calls, whole and streamed (the fake echoes: its output is the text sent)."""
+    server = await forced_server(fake)
+    text = '[{"name": "get_weather", "parameters": {"city": "Paris"}}, {"name": "get_time", "parameters": {}}]'
+    body = chat(text, tools=[WEATHER, TIME], tool_choice="required")
+    message = (await server.post(CHAT_PATH, body)).json()["choices"][0]["message"]
+    expected = [("get_weather", {"city": "Paris"}), ("get_time", {})]
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in message["tool_calls"]] == expected
+    assert message["content"] is None
+    out = assemble(await streamed(server, body))
+    assert [(c["name"], json.loads(c["arguments"])) for c in out["calls"]] == expected and out["content"] == ""
+    # the constraint reached the backend: vLLM's schema for required calls
+    constraint = server.backend.params[0].structured
+    assert constraint is not None and constraint.kind == "json"
+    assert json.loads(constraint.source)["items"]["anyOf"][0]["properties"]["name"] == {"type": "string", "enum": ["get_weather"]}
+
+
+async def test_named_output_is_the_arguments(fake):
+    server = await forced_server(fake)
+    text = '{"city": "Paris"}'
+    body = chat(text, tools=[WEATHER, TIME], tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    message = (await server.post(CHAT_PATH, body)).json()["choices"][0]["message"]
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in message["tool_calls"]] == [("get_weather", text)]
+    out = assemble(await streamed(server, body))
+    assert [(c["name"], c["arguments"]) for c in out["calls"]] == [("get_weather", text)]
+    constraint = server.backend.params[0].structured
+    assert constraint is not None and json.loads(constraint.source) == WEATHER["function"]["parameters"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_forced_call_errors(fake, stream):
+    server = await forced_server(fake)
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    # a forced call and response_format both fix the output's form
+    resp = await server.post(CHAT_PATH, chat("x", tools=[WEATHER], tool_choice=named, response_format={"type": "json_object"}, stream=stream))
+    assert_error(resp, "invalid_request", param="tool_choice")
+    # the forced function's parameters are not a schema the grammar can hold decoding to
+    bad = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"x": {"type": "string", "pattern": "(unclosed"}}}}}
+    resp = await server.post(CHAT_PATH, chat("x", tools=[TIME, bad], tool_choice=named, stream=stream))
+    message = assert_error(resp, "invalid_request", param="tools.1.function.parameters")
+    assert "Traceback" not in message

@@ -18,6 +18,7 @@ import httpx
 import pytest
 from openai import NOT_GIVEN, OpenAI
 
+from tests.conftest import VLLM_INSTALLED
 from tests.contract import assert_error
 from tests.fixtures.agent_data import CONVERSATIONS, TOOLS, Conversation, by_name
 
@@ -34,14 +35,13 @@ def expected_finish(conv: Conversation) -> str:
 
 def create(server: Any, conv: Conversation, **extra: Any) -> Any:
     extras = conv.request_extras()
+    options: dict[str, Any] = {"temperature": 0, "max_tokens": 64, **extra}
     return client(server).chat.completions.create(
         model=server.name,
         messages=conv.messages,  # type: ignore[arg-type]
         tools=extras.pop("tools", None) or NOT_GIVEN,  # type: ignore[arg-type]
-        temperature=0,
-        max_tokens=64,
         extra_body=extras,
-        **extra,
+        **options,
     )
 
 
@@ -154,3 +154,102 @@ def test_errors_are_the_same_on_both_backends(llama_any):
         for stream in (False, True):
             resp = httpx.post(url, json={**base, **extra, "stream": stream}, timeout=60)
             assert_error(resp, code, param=param)
+
+
+# ------------------------------------------------------------- forced calls: constrained decoding
+def forced(server: Any, conv: Conversation, tool_choice: Any, stream: bool = False) -> Any:
+    return create(server, conv, tool_choice=tool_choice, stream=stream, max_tokens=96)
+
+
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+
+
+def calls_of(message: Any) -> list[tuple[str, Any]]:
+    return [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls or []]
+
+
+def streamed_calls(stream: Any) -> tuple[list[tuple[str, Any]], str | None]:
+    calls: dict[int, dict[str, Any]] = {}
+    finish = None
+    for chunk in stream:
+        for choice in chunk.choices:
+            assert not choice.delta.content, choice.delta  # a forced call has no content
+            for call in choice.delta.tool_calls or []:
+                entry = calls.setdefault(call.index, {"name": call.function.name, "arguments": ""})
+                entry["arguments"] += call.function.arguments or ""
+            finish = choice.finish_reason or finish
+    return [(c["name"], json.loads(c["arguments"])) for c in calls.values()], finish
+
+
+@pytest.mark.parametrize("tool_choice", ["required", NAMED], ids=["required", "named"])
+@pytest.mark.parametrize("conv", [by_name("tool_call"), by_name("no_tool_call")], ids=lambda c: c.name)
+def test_forced_calls_are_valid_and_the_same_on_both_backends(request, conv, tool_choice):
+    """required / a named function: decoding is held to the tool's schema, so every call's
+    arguments are a JSON text valid against its parameters (even where the model would not have
+    called a tool); greedy, both backends give the same calls, whole and streamed."""
+    import jsonschema
+
+    backends = ["agent_hf"] + (["agent_vllm"] if VLLM_INSTALLED else [])
+    results = []
+    for fixture in backends:
+        server = request.getfixturevalue(fixture)
+        choice = forced(server, conv, tool_choice).choices[0]
+        calls = calls_of(choice.message)
+        assert calls, choice
+        for name, arguments in calls:
+            assert name == "get_weather"
+            jsonschema.validate(arguments, TOOLS[0]["function"]["parameters"])
+        assert choice.finish_reason == ("tool_calls" if tool_choice == "required" else "stop")  # OpenAI's rule
+        assert streamed_calls(forced(server, conv, tool_choice, stream=True)) == (calls, choice.finish_reason)
+        results.append(calls)
+    assert all(r == results[0] for r in results), results
+
+
+def test_parallel_tool_calls_false_allows_one_call(agent_any):
+    conv = by_name("parallel_tool_calls")
+    message = create(agent_any, conv, tool_choice="required", parallel_tool_calls=False, max_tokens=96).choices[0].message
+    assert len(message.tool_calls or []) == 1
+
+
+def test_openai_parse_with_a_pydantic_function_tool(agent_any):
+    """The openai SDK's strict pydantic tool: its parsed arguments come back as the model."""
+    import openai
+    from pydantic import BaseModel
+
+    class GetWeather(BaseModel):
+        city: str
+
+    conv = by_name("tool_call")
+    resp = client(agent_any).chat.completions.parse(
+        model=agent_any.name,
+        messages=conv.messages,  # type: ignore[arg-type]
+        tools=[openai.pydantic_function_tool(GetWeather, name="get_weather")],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        temperature=0,
+        max_tokens=96,
+        extra_body={"chat_template_kwargs": {"enable_thinking": False}},
+    )
+    (call,) = resp.choices[0].message.tool_calls or []
+    assert isinstance(call.function.parsed_arguments, GetWeather)
+
+
+def test_langchain_with_structured_output_by_function_calling(agent_any):
+    from langchain_openai import ChatOpenAI
+    from pydantic import BaseModel, Field
+
+    class Weather(BaseModel):
+        """Get the current weather in a city."""
+
+        city: str = Field(description="The city, e.g. Paris.")
+
+    llm = ChatOpenAI(
+        base_url=f"{agent_any.url}/openai/v1",
+        api_key="unused",  # type: ignore[arg-type]
+        model=agent_any.name,
+        temperature=0,
+        max_tokens=96,
+        max_retries=0,
+        extra_body={"chat_template_kwargs": {"enable_thinking": False}},
+    )
+    out = llm.with_structured_output(Weather, method="function_calling").invoke("What is the weather in Paris?")
+    assert isinstance(out, Weather)

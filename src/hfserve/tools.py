@@ -45,6 +45,8 @@ class ToolPlan:
     #: the JSON schema decoding is held to (``required`` and named), else None
     schema: dict[str, Any] | None = None
     parallel: bool = True
+    #: the request field an error in :attr:`schema` names
+    schema_param: str = "tools"
 
     @property
     def constrained(self) -> bool:
@@ -55,7 +57,7 @@ class ToolPlan:
         if self.schema is None:
             return None
         source = json.dumps(self.schema, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-        return StructuredOutput("json", source, disable_any_whitespace, param="tool_choice")
+        return StructuredOutput("json", source, disable_any_whitespace, param=self.schema_param)
 
     def parameters(self, name: str) -> dict[str, Any] | None:
         for tool in self.tools:
@@ -212,10 +214,11 @@ def plan(
                 param="tool_choice",
             )
         name = fn["name"]
-        for tool in checked:
+        for i, tool in enumerate(checked):
             if tool["function"]["name"] == name:
                 schema = _arguments_schema(tool["function"].get("parameters"))
-                return ToolPlan("named", checked, name=name, schema=schema, parallel=parallel)
+                where = f"tools.{i}.function.parameters"
+                return ToolPlan("named", checked, name=name, schema=schema, parallel=parallel, schema_param=where)
         offered = ", ".join(t["function"]["name"] for t in checked)
         raise errors.InvalidRequest(
             f"tool_choice names the function {name!r}, which is not in tools (offered: {offered})",
