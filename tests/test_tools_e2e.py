@@ -233,7 +233,7 @@ def test_openai_parse_with_a_pydantic_function_tool(agent_any):
     assert isinstance(call.function.parsed_arguments, GetWeather)
 
 
-def test_langchain_with_structured_output_by_function_calling(agent_any):
+def test_langchain_with_structured_output(agent_any):
     from langchain_openai import ChatOpenAI
     from pydantic import BaseModel, Field
 
@@ -251,5 +251,6 @@ def test_langchain_with_structured_output_by_function_calling(agent_any):
         max_retries=0,
         extra_body={"chat_template_kwargs": {"enable_thinking": False}},
     )
-    out = llm.with_structured_output(Weather, method="function_calling").invoke("What is the weather in Paris?")
-    assert isinstance(out, Weather)
+    for method in ("function_calling", "json_schema"):  # a forced tool call; response_format json_schema
+        out = llm.with_structured_output(Weather, method=method).invoke("What is the weather in Paris?")
+        assert isinstance(out, Weather), method
