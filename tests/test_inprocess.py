@@ -126,7 +126,8 @@ async def test_empty_embedding_input_is_refused(fake, inp, param):
         ("/openai/v1/completions", {**COMPLETION, "logit_bias": {"5": 1}}, "logit_bias"),
         ("/openai/v1/completions", {**COMPLETION, "best_of": 3}, "best_of"),
         ("/openai/v1/completions", {**COMPLETION, "suffix": "y"}, "suffix"),
-        ("/openai/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"}}, "response_format.type"),
+        # a backend without a grammar engine (both real backends have one)
+        ("/openai/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"}}, "response_format"),
         ("/v2/models/fake/generate", {"text_input": "x", "parameters": {"n": 2}}, type),
     ],
 )
