@@ -6,7 +6,7 @@ import os
 
 from fastapi import APIRouter, FastAPI
 
-from .api import kserve_v1, kserve_v2, openai
+from .api import kserve_v1, kserve_v2, openai, scoring
 from .api.routing import index_routes, tidy_openapi
 from .config import Config
 from .error_handling import ErrorHandling, family_prefixes
@@ -57,6 +57,7 @@ def create_app(service: ModelService, config: Config) -> FastAPI:
         (kserve_v1.router, ""),
         (kserve_v2.router, ""),
         (openai.router, f"{prefix}/v1"),
+        (scoring.router, f"{prefix}/v1"),
         (kserve_v2.root_router, ""),
     ]
     for router, path_prefix in includes:

@@ -66,7 +66,7 @@ def infer_task(config: Mapping[str, Any] | Sequence[str] | None, model_dir: Path
     architecture is then ``text2text_generation``, as the suffix alone says in huggingfaceserver.
     """
     cfg: Mapping[str, Any] = config if isinstance(config, Mapping) else {"architectures": list(config or [])}
-    if model_dir is not None and (model_dir / "modules.json").is_file():
+    if model_dir is not None and (model_dir / "modules.json").is_file() and not is_cross_encoder_dir(model_dir):
         return Task.text_embedding
     architectures = cfg.get("architectures")
     if not architectures:
@@ -80,6 +80,18 @@ def infer_task(config: Mapping[str, Any] | Sequence[str] | None, model_dir: Path
     if arch.endswith("Model") and arch[: -len("Model")] in _EMBEDDING_BASES:
         return Task.text_embedding
     raise TaskInferenceError(f"the task of architecture {arch} could not be inferred; set --task")
+
+
+def is_cross_encoder_dir(model_dir: Path | None) -> bool:
+    """A sentence-transformers ``CrossEncoder`` directory (its config_sentence_transformers.json
+    says so): a sequence classifier, not an embedding model, although it has a modules.json."""
+    path = model_dir / "config_sentence_transformers.json" if model_dir is not None else None
+    if path is None or not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text()).get("model_type") == "CrossEncoder"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _generation_task(arch: str, cfg: Mapping[str, Any]) -> Task:
@@ -151,7 +163,7 @@ def sentence_transformers_pooling(model_dir: Path | None) -> tuple[str, bool] | 
     Returns ``(mode, normalize)`` with mode one of ``mean``, ``cls``, ``max``,
     ``lasttoken``; None when the directory is not a sentence-transformers model.
     """
-    if model_dir is None or not (model_dir / "modules.json").is_file():
+    if model_dir is None or not (model_dir / "modules.json").is_file() or is_cross_encoder_dir(model_dir):
         return None
     modules = json.loads((model_dir / "modules.json").read_text())
     mode, normalize = "mean", False

@@ -42,6 +42,7 @@ from ..chat_output import ChoiceReader, DeltaParts, MessageParts
 from ..generation import SequenceDelta, TokenLogprob
 from ..parsers.tool_calls import ToolCallDelta
 from ..sampling import SamplingOptions
+from ..scoring import embedding_dimensions
 from ..service import ModelService, cut, merge
 from ..structured import from_request as structured_output
 from ..tasks import Task
@@ -694,11 +695,7 @@ async def create_embeddings(request: Request) -> Response:
     else:
         raise errors.InvalidRequest("input must not be empty", param="input")
     vectors = await until_disconnect(request, service.embed(inputs))
-    if body.dimensions is not None and vectors and body.dimensions != len(vectors[0]):
-        raise errors.UnsupportedParameter(
-            f"dimensions ({body.dimensions}) is not supported: this model's embeddings have {len(vectors[0])} dimensions",
-            param="dimensions",
-        )
+    vectors = embedding_dimensions(service, vectors, body.dimensions)  # Matryoshka models only
     tokens = sum(len(x) for x in inputs)
     request.app.state.metrics.prompt_tokens.inc(tokens)
     data = []

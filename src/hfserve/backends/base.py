@@ -166,6 +166,12 @@ class Backend(abc.ABC):
         """Per input, per token: the class logits."""
         raise NotImplementedError
 
+    async def classify_pairs(self, inputs: list[list[int]], type_starts: list[int]) -> list[list[float]]:
+        """Per text pair (a cross-encoder's input, tokenized as a pair): the class logits.
+        ``type_starts[i]``: where token type 1 (the second text) starts in ``inputs[i]``
+        (``len(inputs[i])`` for a model without token types)."""
+        raise NotImplementedError
+
     async def fill_mask(self, inputs: list[list[int]], top_k: int) -> list[list[list[tuple[int, float]]]]:
         """Per input, per mask token: the ``top_k`` (token id, probability) pairs."""
         raise NotImplementedError

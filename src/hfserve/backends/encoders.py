@@ -47,6 +47,8 @@ class EncoderTasks:
             return self.embed(inputs)
         if kind == "classify":
             return self.classify(inputs)
+        if kind == "classify_pairs":
+            return self.classify_pairs(inputs)
         if kind == "classify_tokens":
             return self.classify_tokens(inputs)
         if kind == "fill_mask":
@@ -80,6 +82,22 @@ class EncoderTasks:
 
     def classify(self, inputs: list[list[int]]) -> list[list[float]]:
         out, _ = self._forward(inputs)
+        return out.logits.float().tolist()
+
+    def classify_pairs(self, inputs: list[list[int]]) -> list[list[float]]:
+        """Text pairs, each given as ``[type_start, *input_ids]``: token type 1 from ``type_start``
+        on (the second text, as the tokenizer marks it); no token types where none starts."""
+        ids_only = [row[1:] for row in inputs]
+        ids, mask = pad_batch(ids_only, self.pad_token_id, self.device)
+        kwargs = {}
+        if any(row[0] < len(row) - 1 for row in inputs):
+            types = torch.zeros_like(ids)
+            for r, row in enumerate(inputs):
+                types[r, row[0] : len(row) - 1] = 1
+            kwargs["token_type_ids"] = types
+        self.stats["encoder_forwards"] += 1
+        with torch.inference_mode():
+            out = self.model(input_ids=ids, attention_mask=mask, **kwargs)
         return out.logits.float().tolist()
 
     def classify_tokens(self, inputs: list[list[int]]) -> list[list[list[float]]]:

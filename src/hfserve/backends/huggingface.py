@@ -379,5 +379,9 @@ class HuggingFaceBackend(Backend):
     async def classify_tokens(self, inputs: list[list[int]]) -> list[list[list[float]]]:
         return await self._run("classify_tokens", inputs)
 
+    async def classify_pairs(self, inputs: list[list[int]], type_starts: list[int]) -> list[list[float]]:
+        """Through the batcher as ``[type_start, *ids]`` rows (see :meth:`EncoderTasks.classify_pairs`)."""
+        return await self._run("classify_pairs", [[start, *ids] for ids, start in zip(inputs, type_starts, strict=True)])
+
     async def fill_mask(self, inputs: list[list[int]], top_k: int) -> list[list[list[tuple[int, float]]]]:
         return await self._run("fill_mask", inputs, top_k)
