@@ -382,8 +382,18 @@ def test_sdk_error_classes(client):
             model="llama",
             messages=[{"role": "user", "content": "x"}],
             tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+            tool_choice="none",
         )
+    # the fixture's chat template never renders tools
     assert (e.value.code, e.value.param) == ("unsupported_parameter", "tools")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(
+            model="llama",
+            messages=[{"role": "user", "content": "x"}],
+            tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+        )
+    # tool_choice auto (the default with tools) on a server without --enable-auto-tool-choice
+    assert (e.value.code, e.value.param) == ("invalid_request", "tool_choice")
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="llama", messages=[{"role": "wizard", "content": "x"}])  # type: ignore[list-item]
     assert e.value.code == "invalid_request" and e.value.param == "messages.0.role"
