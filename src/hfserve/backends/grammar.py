@@ -126,6 +126,15 @@ class GrammarProcessor:
             row.seen = len(history)
         return row
 
+    def fill_bitmask(self, history: list[int], bitmask: torch.Tensor, index: int) -> bool:
+        """The :class:`~.sampler.RowMasker` side: the row's allowed tokens into ``bitmask[index]``
+        (the scheduler masks the greedy rows of all constrained requests at once)."""
+        row = self._advance(history)
+        if not row.active or row.matcher.is_terminated():
+            return False
+        row.matcher.fill_next_token_bitmask(bitmask, index)
+        return True
+
     def __call__(self, history: list[int], logits: torch.Tensor) -> torch.Tensor:
         row = self._advance(history)
         if not row.active or row.matcher.is_terminated():

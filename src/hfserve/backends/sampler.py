@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Collection, Sequence
+from typing import Protocol, runtime_checkable
 
 import torch
 
@@ -35,6 +36,34 @@ from ..generation import SamplingParams, TokenLogprob
 
 #: per-request logits processing: (the row's generated token ids, its [vocab] logits) -> new logits
 LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
+
+
+@runtime_checkable
+class RowMasker(Protocol):
+    """A logits processor that only allows some tokens (a grammar), and can say which as a packed
+    bitmask instead of masking a row itself: then the scheduler masks the rows of several requests
+    at once and takes one argmax over them (:func:`is_masked_greedy`), as vLLM applies its grammar
+    bitmasks to the whole batch."""
+
+    def __call__(self, history: list[int], logits: torch.Tensor) -> torch.Tensor: ...
+
+    def fill_bitmask(self, history: list[int], bitmask: torch.Tensor, index: int) -> bool:
+        """Write the allowed next tokens of the row that generated ``history`` into row ``index`` of
+        ``bitmask`` (``[rows, ceil(vocab / 32)]`` int32: token ``t`` allowed when bit ``t % 32`` of
+        word ``t // 32`` is set); False (row left as it was) when the row is not constrained now."""
+        ...
+
+
+def bitmask_words(vocab: int) -> int:
+    return (vocab + 31) // 32
+
+
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """``logits`` (``[rows, vocab]``) with the tokens ``bitmask`` (``[rows, words]``, see
+    :class:`RowMasker`) does not allow made -inf."""
+    bits = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    allowed = ((bitmask.unsqueeze(-1) >> bits) & 1).view(bitmask.shape[0], -1)[:, : logits.shape[-1]].bool()
+    return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
 
 
 def new_generator(seed: int | None, device: torch.device) -> torch.Generator:
@@ -53,6 +82,19 @@ def is_plain_greedy(params: SamplingParams, step: int, processors: Sequence[Logi
     """Whether this step's token is the argmax of the raw logits (no processors, penalties or
     min_tokens masking), so that the scheduler may take it from one argmax over the batch."""
     return params.greedy and not processors and step >= params.min_tokens and not counts_tokens(params)
+
+
+def is_masked_greedy(params: SamplingParams, step: int, processors: Sequence[LogitsProcessor]) -> bool:
+    """Whether this step's token is the argmax of the raw logits under one :class:`RowMasker`'s
+    mask (and nothing else), so that the scheduler may mask and argmax the rows of several such
+    requests together."""
+    return (
+        params.greedy
+        and len(processors) == 1
+        and isinstance(processors[0], RowMasker)
+        and step >= params.min_tokens
+        and not counts_tokens(params)
+    )
 
 
 def process(logits: torch.Tensor, histories: Sequence[list[int]], processors: Sequence[LogitsProcessor]) -> torch.Tensor:

@@ -595,9 +595,11 @@ class GenerationScheduler:
         jobs = [(cohort.rows[idxs[0]].job, idxs) for idxs in by_job.values()]
         plain = {id(job) for job, _ in jobs if sampler.is_plain_greedy(job.params, job.step, job.processors)}
         argmax = cohort.logits.argmax(dim=-1).tolist() if plain else None
+        # greedy rows under a grammar (and nothing else): one bitmask, one masked argmax over them all
+        masked = self._masked_argmax(cohort, [(job, idxs) for job, idxs in jobs if id(job) not in plain])
         for job, idxs in jobs:
             try:
-                chosen = [argmax[i] for i in idxs] if argmax is not None and id(job) in plain else None
+                chosen = [argmax[i] for i in idxs] if argmax is not None and id(job) in plain else masked.get(id(job))
                 self._sample_job(job, [cohort.rows[i] for i in idxs], cohort.logits, next_ids, idxs, chosen)
             except Exception as exc:  # noqa: BLE001 - this request's own error
                 job.finish(exc)
@@ -616,6 +618,40 @@ class GenerationScheduler:
             self._forward_step(cohort, feed)
         except Exception as exc:  # noqa: BLE001
             self._split_after_failure(cohort, feed, exc)
+
+    def _masked_argmax(self, cohort: _Cohort, jobs: list[tuple[_Job, list[int]]]) -> dict[int, list[int]]:
+        """The next tokens of the greedy jobs whose only processor is a :class:`~.sampler.RowMasker`
+        (by job id): their rows' bitmasks filled into one tensor, applied to their rows at once, one
+        argmax. A job whose masker fails is left to :meth:`_sample_job` (which reports it)."""
+        maskable = [
+            (job, idxs) for job, idxs in jobs if sampler.is_masked_greedy(job.params, job.step, job.processors)
+        ]
+        if not maskable:
+            return {}
+        rows = [i for _, idxs in maskable for i in idxs]
+        bitmask = torch.full((len(rows), sampler.bitmask_words(cohort.logits.shape[-1])), -1, dtype=torch.int32)
+        filled: list[tuple[_Job, list[int], int]] = []
+        k = 0
+        for job, idxs in maskable:
+            masker = job.processors[0]
+            assert isinstance(masker, sampler.RowMasker)
+            try:
+                for j, i in enumerate(idxs):
+                    masker.fill_bitmask(cohort.rows[i].tokens, bitmask, k + j)
+            except Exception:  # noqa: BLE001 - sampled alone, where its error is its own
+                bitmask[k : k + len(idxs)] = -1
+                k += len(idxs)
+                continue
+            filled.append((job, idxs, k))
+            k += len(idxs)
+        if not filled:
+            return {}
+        if rows == list(range(cohort.logits.shape[0])):  # every row, in order: no copy
+            logits = cohort.logits
+        else:  # index_select: much cheaper than advanced indexing on CPU
+            logits = cohort.logits.index_select(0, torch.tensor(rows, dtype=torch.long, device=cohort.logits.device))
+        best = sampler.apply_bitmask(logits, bitmask).argmax(dim=-1).tolist()
+        return {id(job): best[start : start + len(idxs)] for job, idxs, start in filled}
 
     def _sample_job(
         self, job: _Job, rows: list[_Seq], logits: torch.Tensor, next_ids: list[int], idxs: list[int], chosen: list[int] | None
