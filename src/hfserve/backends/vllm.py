@@ -35,7 +35,10 @@ from .grammar import GrammarEngine
 
 logger = logging.getLogger("hfserve.backends.vllm")
 
-SUPPORTED_TASKS = (Task.text_generation, Task.text_embedding)
+SUPPORTED_TASKS = (Task.text_generation, Task.text_embedding, Task.sequence_classification)
+
+#: the vLLM pooling task each pooling model task runs as
+_POOLING_TASKS = {Task.text_embedding: "embed", Task.sequence_classification: "classify"}
 
 #: sentence-transformers pooling modes (as the HF backend reads them) -> vLLM's sequence pooling types
 _POOLING: dict[str, Literal["MEAN", "CLS", "LAST"]] = {"mean": "MEAN", "cls": "CLS", "lasttoken": "LAST"}
@@ -96,6 +99,11 @@ def _pooling(model: ModelConfig) -> tuple[str, bool]:
     return sentence_transformers_pooling(model.local_dir) or ("mean", True)
 
 
+def _num_labels(config: dict[str, Any]) -> int:
+    labels = config.get("id2label")
+    return len(labels) if isinstance(labels, dict) and labels else int(config.get("num_labels") or 2)
+
+
 def supports(model: ModelConfig) -> tuple[bool, str]:
     """Whether vLLM can serve this model (without starting an engine), and why (not).
 
@@ -113,7 +121,9 @@ def supports(model: ModelConfig) -> tuple[bool, str]:
         except TaskInferenceError as exc:
             return False, str(exc)
     if task not in SUPPORTED_TASKS:
-        return False, f"the vLLM backend serves text generation and text embedding, not {task.label}"
+        return False, f"the vLLM backend serves text generation, text embedding and cross-encoders, not {task.label}"
+    if task is Task.sequence_classification and _num_labels(config) != 1:
+        return False, "the vLLM backend serves sequence classifiers with one label (cross-encoders) only"
     if not archs:
         return False, "the model config names no architecture"
     if task is Task.text_embedding:
@@ -185,6 +195,8 @@ class VLLMBackend(Backend):
             mode, normalize = self.pooling
             kwargs["runner"] = "pooling"
             kwargs["pooler_config"] = PoolerConfig(seq_pooling_type=_POOLING[mode], use_activation=normalize)
+        elif self.task is Task.sequence_classification:  # a cross-encoder: raw logits, hfserve applies the activation
+            kwargs["runner"] = "pooling"
         else:
             from vllm.config.structured_outputs import StructuredOutputsConfig
 
@@ -235,7 +247,7 @@ class VLLMBackend(Backend):
         model_config = engine.model_config
         self.max_model_len = int(model_config.max_model_len)
         supported = await engine.get_supported_tasks()  # also starts the engine's output handling on this loop
-        wanted = "embed" if task is Task.text_embedding else "generate"
+        wanted = _POOLING_TASKS.get(task, "generate")
         if wanted not in supported:
             raise errors.UnsupportedTask(
                 f"vLLM cannot run {task.label} with this model (it supports: {', '.join(supported) or 'nothing'})"
@@ -556,9 +568,39 @@ class VLLMBackend(Backend):
         return [float(x) for x in final.outputs.data.float().tolist()]
 
     async def embed(self, inputs: list[list[int]]) -> list[list[float]]:
+        return await self._encode_all([self._encode_one(ids) for ids in inputs])
+
+    async def _classify_one(self, ids: list[int], type_start: int | None) -> list[float]:
+        """One input's raw class logits (vLLM's classify task without its activation); token type 1
+        from ``type_start`` on (vLLM's compressed token type ids, as its score route sends them)."""
+        from vllm.inputs.engine import tokens_input
+        from vllm.pooling_params import PoolingParams
+
+        params = PoolingParams(task="classify", use_activation=False)
+        if type_start is not None and type_start < len(ids):
+            params.extra_kwargs = {"compressed_token_type_ids": type_start}
+        final = None
+        async for out in self.engine.encode(tokens_input(list(ids)), params, self._internal_id("classify")):
+            final = out
+        if final is None:
+            from vllm.exceptions import GenerationError
+
+            raise GenerationError("vLLM returned no class logits")
+        return [float(x) for x in final.outputs.data.float().reshape(-1).tolist()]
+
+    async def classify(self, inputs: list[list[int]]) -> list[list[float]]:
+        return await self._encode_all([self._classify_one(ids, None) for ids in inputs])
+
+    async def classify_pairs(self, inputs: list[list[int]], type_starts: list[int]) -> list[list[float]]:
+        return await self._encode_all([self._classify_one(ids, s) for ids, s in zip(inputs, type_starts, strict=True)])
+
+    async def _encode_all(self, work: list[Any]) -> list[Any]:
+        """Run one engine request per input side by side; the results in order."""
         if self.engine is None:
+            for w in work:
+                w.close()
             raise errors.ModelNotReady("The model is not loaded", retry_after=5)
-        tasks = [asyncio.ensure_future(self._encode_one(ids)) for ids in inputs]
+        tasks = [asyncio.ensure_future(w) for w in work]
         try:
             return list(await asyncio.gather(*tasks))
         finally:  # one failed or the request was cancelled: the others stop, and are waited for
