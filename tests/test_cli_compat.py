@@ -98,9 +98,9 @@ def test_only_given_flags_reach_the_engine(models, engine_parser):
 @pytest.mark.skipif(not VLLM_INSTALLED, reason="vLLM is not installed")
 def test_vllm_flags_beyond_any_list(models):
     """Flags no hand-written list holds come from vLLM's own definitions, typed by them."""
-    argv = ["--model_dir", str(models["llama"]), "--async-scheduling", "--max-cudagraph-capture-size", "16", "--enable-lora"]
+    argv = ["--model_dir", str(models["llama"]), "--async-scheduling", "--max-cudagraph-capture-size", "16", "--enable-sleep-mode"]
     config = resolve(build_parser().parse_args(argv))
-    assert dict(config.engine.engine_args) == {"async_scheduling": True, "max_cudagraph_capture_size": 16, "enable_lora": True}
+    assert dict(config.engine.engine_args) == {"async_scheduling": True, "max_cudagraph_capture_size": 16, "enable_sleep_mode": True}
 
 
 def test_unknown_flags_warn_once_with_the_closest_flag(models, engine_parser, caplog):
@@ -121,18 +121,18 @@ def test_without_vllm_every_vllm_flag_is_recognised(models, monkeypatch, caplog)
     flags are named as without effect, switches in both forms."""
     monkeypatch.setattr(cli, "vllm_installed", lambda: False)
     argv = [
-        "--model_dir", str(models["llama"]), "--max-cpu-loras", "4", "--enable-sleep-mode", "--no-enable-prefix-caching",
+        "--model_dir", str(models["llama"]), "--max-parallel-loading-workers", "4", "--enable-sleep-mode", "--no-enable-prefix-caching",
         "--speculative_config", '{"method": "ngram"}', "--port", "8000", "--frobnicate",
     ]  # fmt: skip
     with caplog.at_level(logging.WARNING, logger="hfserve.cli"):
         config = resolve(build_parser().parse_args(argv))
     assert dict(config.engine.engine_args) == {
-        "max_cpu_loras": "4", "enable_sleep_mode": True, "enable_prefix_caching": False,
+        "max_parallel_loading_workers": "4", "enable_sleep_mode": True, "enable_prefix_caching": False,
         "speculative_config": '{"method": "ngram"}',
     }  # fmt: skip
     lines = [r.getMessage() for r in caplog.records if r.name == "hfserve.cli"]
     (unknown,) = [line for line in lines if "unknown" in line]
-    assert "--frobnicate" in unknown and "loras" not in unknown and "sleep" not in unknown
+    assert "--frobnicate" in unknown and "loading" not in unknown and "sleep" not in unknown
     assert any("--port (use --http_port)" in line for line in lines if "no effect" in line)
 
 

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from . import access_log
+from . import access_log, lora
 from .chat import CONTENT_FORMATS
 from .config import (
     BACKENDS,
@@ -39,6 +39,8 @@ from .config import (
     Config,
     EngineConfig,
     LimitsConfig,
+    LoraConfig,
+    LoraModule,
     ModelConfig,
     ServerConfig,
 )
@@ -355,6 +357,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--reasoning-parser", "--reasoning_parser", dest="reasoning_parser", default=None, help="how reasoning is read from the model's output into the message's reasoning field (vLLM's names: deepseek_r1, qwen3)")
     m.add_argument("--structured-outputs-config", "--structured_outputs_config", dest="structured_outputs_config", type=_json_object, default=None, help='structured outputs settings, vLLM\'s JSON form, e.g. \'{"backend": "xgrammar", "disable_any_whitespace": true}\'')
     m.add_argument("--chat-template-content-format", "--chat_template_content_format", dest="chat_template_content_format", default="auto", choices=CONTENT_FORMATS, help="how messages' content reaches the chat template: string (one text), openai (a list of text parts), auto (openai when the template loops over the content)")
+    lo = p.add_argument_group("LoRA adapters (vLLM's flags, on both backends; text generation only)")
+    lo.add_argument("--enable_lora", action="store_true", help="serve LoRA adapters, each under its own model name")
+    lo.add_argument("--no_enable_lora", dest="enable_lora", action="store_false", help=argparse.SUPPRESS)
+    lo.add_argument("--lora_modules", nargs="+", action="extend", default=[], metavar="NAME=PATH", help='adapters to serve: name=path, or vLLM\'s JSON form \'{"name": ..., "path": ..., "base_model_name": ...}\' (several; the flag may repeat)')
+    lo.add_argument("--max_loras", type=int, default=1, help="the most different adapters in one batch")
+    lo.add_argument("--max_lora_rank", type=int, default=16, help="the highest adapter rank accepted")
+    lo.add_argument("--max_cpu_loras", type=int, default=None, help="vLLM's CPU cache of adapters (default: --max_loras); no effect on the transformers backend")
     s = p.add_argument_group("server")
     s.add_argument("--http_port", type=int, default=8080)
     s.add_argument("--grpc_port", type=int, default=8081)
@@ -508,7 +517,39 @@ def resolve(args: argparse.Namespace) -> Config:
         _fail(f"--return_raw_logits applies to classification and fill-mask models, not to {task.label}")
     if args.return_offsets_mapping and task is not None and task is not Task.token_classification:
         _fail(f"--return_offsets_mapping applies to token classification models, not to {task.label}")
+    args.lora = _lora(args, local_dir, task)
     return _config(args, model, local_dir, task)
+
+
+def _lora(args: argparse.Namespace, local_dir: Path | None, task: Task | None) -> LoraConfig:
+    """The LoRA flags, every adapter checked against the model (one line and exit 2 on a problem)."""
+    for flag in ("max_loras", "max_lora_rank", "max_cpu_loras"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            _fail(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    if not args.enable_lora:
+        if args.lora_modules:
+            _fail("--lora-modules needs --enable-lora")
+        return LoraConfig()
+    if task is not None and task is not Task.text_generation:
+        _fail(f"--enable-lora: LoRA adapters are served for text generation only, and this is a {task.label} model")
+    modules: list[LoraModule] = []
+    try:
+        for spec in args.lora_modules:
+            module = lora.parse_module(spec)
+            if module.name in {m.name for m in modules} or module.name in (args.served_model_name or [args.model_name]):
+                _fail(f"--lora-modules: the name {module.name!r} is given twice; give each adapter its own name")
+            lora.check_adapter(module, max_rank=args.max_lora_rank, model_dir=local_dir)
+            modules.append(module)
+    except lora.AdapterError as exc:
+        _fail(str(exc))
+    return LoraConfig(
+        enabled=True,
+        modules=tuple(modules),
+        max_loras=args.max_loras,
+        max_lora_rank=args.max_lora_rank,
+        max_cpu_loras=args.max_cpu_loras,
+    )
 
 
 def _warn_about_flags(args: argparse.Namespace) -> None:
@@ -543,6 +584,7 @@ def _config(args: argparse.Namespace, source: str, local_dir: Path | None, task:
             disable_lower_case=args.disable_lower_case,
             disable_special_tokens=args.disable_special_tokens,
             truncate_inputs=args.truncate_inputs,
+            lora=getattr(args, "lora", None) or LoraConfig(),
             **_model_defaults(args),
         ),
         server=ServerConfig(

@@ -45,6 +45,34 @@ def _frozen_mapping(value: Mapping[str, Any] | None) -> Mapping[str, Any]:
 
 
 @dataclass(frozen=True)
+class LoraModule:
+    """One LoRA adapter served under its own model name (``--lora-modules name=path``)."""
+
+    name: str
+    path: str
+    #: the model it was trained on, as vLLM's JSON form names it (``base_model_name``); informative
+    base_model_name: str | None = None
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters (vLLM's ``--enable-lora``, ``--lora-modules``, ``--max-loras``, ``--max-lora-rank``,
+    ``--max-cpu-loras``), honoured by both backends; defaults are vLLM's."""
+
+    enabled: bool = False
+    modules: tuple[LoraModule, ...] = ()
+    #: the most different adapters in one batch
+    max_loras: int = 1
+    #: the highest adapter rank accepted
+    max_lora_rank: int = 16
+    #: vLLM's CPU cache of adapters (None: ``max_loras``); no effect on the transformers backend
+    max_cpu_loras: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "modules", tuple(self.modules))
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     #: what to load: a local directory or a Hub id
     source: str
@@ -95,6 +123,8 @@ class ModelConfig:
     reasoning_parser: str | None = None
     #: vLLM's ``--structured-outputs-config`` (``backend``, ``disable_any_whitespace``, ...), both backends
     structured_outputs_config: Mapping[str, Any] = field(default_factory=dict)
+    #: LoRA adapters, each served under its own name (generation only)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "aliases", tuple(self.aliases))

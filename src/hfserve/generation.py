@@ -55,6 +55,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     min_tokens: int = 0
     structured: StructuredOutput | None = None  # constrained decoding (validated by the service)
+    adapter: str | None = None  # the LoRA adapter the request names (None: the base model)
 
     @property
     def greedy(self) -> bool:

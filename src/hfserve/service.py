@@ -9,6 +9,7 @@ readiness, and runs every backend call inside the backend's
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import enum
 import json
 import logging
@@ -19,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from . import chat, errors, parsers
+from . import chat, errors, lora, parsers
 from .backends.base import Backend
-from .config import ModelConfig
+from .config import LoraModule, ModelConfig
 from .generation import SamplingParams, SequenceDelta, StructuredOutput, TokenLogprob
 from .sampling import PENALTIES, UNSUPPORTED_DEFAULTS, SamplingOptions, build_params, generation_defaults
 from .structured import json_schema, with_server_config
@@ -131,6 +132,10 @@ def _hub_generation_config(model: ModelConfig) -> Path | None:
         return None
 
 
+#: the LoRA adapter the current request selected by its model name (set by ``check_name``)
+_SELECTED_ADAPTER: contextvars.ContextVar[str | None] = contextvars.ContextVar("hfserve_adapter", default=None)
+
+
 class ModelService:
     """The one model this server serves."""
 
@@ -184,6 +189,9 @@ class ModelService:
         #: what the tokenizer's response_template reads (``--tool-call-parser hf``, ``--reasoning-parser hf``)
         self.template_reads_tools = model.tool_call_parser == hf
         self.template_reads_reasoning = model.reasoning_parser == hf
+        #: LoRA adapters served, by name (``--lora-modules``, then dynamic loads), each a model name
+        self.adapters: dict[str, LoraModule] = {}
+        self._adapter_lock = asyncio.Lock()
 
     def template_parser(
         self, tools: list[dict[str, Any]], prompt_text: str, *, read_tools: bool
@@ -209,6 +217,8 @@ class ModelService:
     async def start(self) -> None:
         try:
             await self.backend.start()
+            if self.model.lora.enabled:
+                await self._start_adapters()
             if self.backend.task in GENERATIVE_TASKS:
                 self.generation_defaults = self._generation_defaults()
             if (self.template_reads_tools or self.template_reads_reasoning) and not getattr(
@@ -269,9 +279,68 @@ class ModelService:
         raise errors.ModelNotReady(f"Model {self.name} is not available: its engine has stopped", retry_after=10)
 
     def check_name(self, name: str | None, *, param: str | None = None) -> None:
-        """Unknown model names are ``model_not_found``, checked before readiness."""
-        if name is not None and name not in self.names:
+        """Unknown model names are ``model_not_found``, checked before readiness.
+
+        A LoRA adapter's name selects it: the request's later :meth:`sampling_params` (in the same
+        task, as every API family calls them) carry the adapter, the base model's names none."""
+        if name is not None and name not in self.names and name not in self.adapters:
             raise errors.ModelNotFound(f"Model with name {errors.echo(name)} does not exist.", param=param)
+        _SELECTED_ADAPTER.set(name if name in self.adapters else None)
+
+    # ------------------------------------------------------------ LoRA adapters
+    def model_name(self, params: SamplingParams | Sequence[SamplingParams]) -> str:
+        """The name a generation's response reports: its adapter's (as vLLM does), else the model's."""
+        first = params if isinstance(params, SamplingParams) else (params[0] if params else None)
+        return first.adapter if first is not None and first.adapter is not None else self.name
+
+    async def _start_adapters(self) -> None:
+        """The ``--lora-modules`` adapters, loaded into the backend (checked by the command line)."""
+        if self.backend.task is not Task.text_generation:
+            raise ValueError(f"--enable-lora: LoRA adapters are served for text generation only, and this is a {self.task.label} model")
+        for module in self.model.lora.modules:
+            await self.backend.load_adapter(module.name, module.path)
+            self.adapters[module.name] = module
+        if self.adapters:
+            logger.info("LoRA adapters served: %s", ", ".join(f"{m.name} ({m.path})" for m in self.adapters.values()))
+
+    async def load_adapter(self, name: str, path: str, request_id: str | None = None) -> None:
+        """A dynamic load (``load_lora_adapter``): checked as at start-up, then loaded. Errors are
+        ``invalid_request``."""
+        self.check_ready()
+        if not self.model.lora.enabled:
+            raise errors.InvalidRequest("LoRA adapters are not enabled on this server; start it with --enable-lora")
+        async with self._adapter_lock:
+            try:
+                lora.check_name(name)
+            except lora.AdapterError as exc:
+                raise errors.InvalidRequest(str(exc), param="lora_name") from None
+            if name in self.adapters or name in self.names:
+                raise errors.InvalidRequest(f"The lora adapter {errors.echo(name)} has already been loaded.", param="lora_name")
+            module = LoraModule(name, path)
+            try:
+                await asyncio.to_thread(
+                    lora.check_adapter,
+                    module,
+                    max_rank=self.model.lora.max_lora_rank,
+                    model_dir=self.model.local_dir,
+                    label=f"LoRA adapter {name!r} ({path})",
+                )
+            except lora.AdapterError as exc:
+                raise errors.InvalidRequest(str(exc), param="lora_path") from None
+            with self.backend.map_exceptions(request_id):
+                await self.backend.load_adapter(name, path)
+            self.adapters[name] = module
+        logger.info("loaded LoRA adapter %s from %s", name, path)
+
+    async def unload_adapter(self, name: str, request_id: str | None = None) -> None:
+        """A dynamic unload: an adapter that is not loaded is ``model_not_found``."""
+        async with self._adapter_lock:
+            if name not in self.adapters:
+                raise errors.ModelNotFound(f"The lora adapter {errors.echo(name)} cannot be found.", param="lora_name")
+            del self.adapters[name]  # new requests no longer select it
+            with self.backend.map_exceptions(request_id):
+                await self.backend.unload_adapter(name)
+        logger.info("unloaded LoRA adapter %s", name)
 
     def require(self, operation: str, *tasks: Task) -> None:
         self.check_ready()
@@ -456,6 +525,7 @@ class ModelService:
         )
         if structured is not None:
             params.structured = self.structured(structured)
+        params.adapter = _SELECTED_ADAPTER.get()
         return params
 
     @property

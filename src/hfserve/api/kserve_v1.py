@@ -54,7 +54,8 @@ def _texts(body: PredictRequest) -> tuple[list[str], str]:
 @router.get("/models")
 @ContractRoute.declare("v1")
 async def list_models(request: Request) -> dict[str, list[str]]:
-    return {"models": [_service(request).name]}
+    service = _service(request)
+    return {"models": [service.name, *service.adapters]}
 
 
 @router.get("/models/{name:model}")

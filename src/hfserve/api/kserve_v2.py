@@ -292,7 +292,8 @@ async def ready(request: Request) -> Response:
 @router.get("/models")
 @ContractRoute.declare("v2")
 async def list_models(request: Request) -> dict[str, list[str]]:
-    return {"models": [_service(request).name]}
+    service = _service(request)
+    return {"models": [service.name, *service.adapters]}
 
 
 @router.get("/models/{name}")
@@ -302,7 +303,7 @@ async def get_model_metadata(request: Request, name: str, version: str | None = 
     service = _service(request)
     check_model(service, name, version)
     service.check_ready()
-    return model_metadata(service)
+    return {**model_metadata(service), "name": name} if name in service.adapters else model_metadata(service)
 
 
 @router.get("/models/{name}/ready")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -328,7 +329,7 @@ async def create_completion(request: Request) -> Response:
         id=cid,
         object="text_completion",
         created=created,
-        model=service.name,
+        model=service.model_name(params),
         choices=choices,
         usage=_usage(prompt_total, completion_total),
     )
@@ -373,7 +374,7 @@ async def _stream_completion(
                     id=cid,
                     object="text_completion",
                     created=created,
-                    model=service.name,
+                    model=service.model_name(params),
                     choices=[
                         # model_construct: a chunk's finish_reason is null until the end
                         CompletionChoice.model_construct(
@@ -396,7 +397,7 @@ async def _stream_completion(
                 id=cid,
                 object="text_completion",
                 created=created,
-                model=service.name,
+                model=service.model_name(params),
                 choices=[],
                 usage=_usage(prompt_tokens, completion_tokens),
             )
@@ -584,7 +585,7 @@ async def create_chat_completion(request: Request) -> Response:
         id=cid,
         object="chat.completion",
         created=created,
-        model=service.name,
+        model=service.model_name(params),
         choices=choices,
         usage=_usage(gen.prompt_tokens, gen.completion_tokens),
     )
@@ -609,7 +610,7 @@ async def _stream_chat(
 
     def chunk(choices: list[ChunkChoice], usage: CompletionUsage | None = None) -> str:
         c = ChatCompletionChunk(
-            id=cid, object="chat.completion.chunk", created=created, model=service.name, choices=choices, usage=usage
+            id=cid, object="chat.completion.chunk", created=created, model=service.model_name(params), choices=choices, usage=usage
         )
         return sse(c.model_dump_json(exclude_unset=True))
 
@@ -726,11 +727,20 @@ def _model_card(service: ModelService) -> dict[str, Any]:
     return card
 
 
+def _adapter_card(service: ModelService, name: str) -> dict[str, Any]:
+    """A LoRA adapter's card, as vLLM lists it: ``root`` its path, ``parent`` the base model."""
+    card = OpenAIModel(id=name, created=int(service.created), object="model", owned_by="hfserve").model_dump()
+    card["root"] = service.adapters[name].path
+    card["parent"] = service.name
+    return card
+
+
 @router.get("/models", response_model=None)
 @ContractRoute.declare("openai")
 async def list_models(request: Request) -> Response:
     service = _service(request)
-    return JSONResponse({"object": "list", "data": [_model_card(service)]})
+    adapters = [_adapter_card(service, name) for name in list(service.adapters)]
+    return JSONResponse({"object": "list", "data": [_model_card(service), *adapters]})
 
 
 @router.get("/models/{model_id:path}", response_model=None)
@@ -738,4 +748,42 @@ async def list_models(request: Request) -> Response:
 async def retrieve_model(request: Request, model_id: str) -> Response:
     service = _service(request)
     _check_model(service, model_id)
-    return JSONResponse(_model_card(service))
+    return JSONResponse(_adapter_card(service, model_id) if model_id in service.adapters else _model_card(service))
+
+
+# ------------------------------------------------------------ LoRA adapters (vLLM's dynamic routes)
+class LoadLoraRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoraRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    lora_name: str
+
+
+def _runtime_lora_updating(request: Request) -> None:
+    """As in vLLM, the routes exist only with ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``."""
+    if os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").strip().lower() not in ("1", "true"):
+        raise errors.RouteNotFound(f"No route {request.method} {errors.echo(request.url.path)}; see the README for the routes")
+
+
+@router.post("/load_lora_adapter", response_model=None, openapi_extra=json_schema_body(LoadLoraRequest))
+@ContractRoute.declare("openai")
+async def load_lora_adapter(request: Request) -> Response:
+    _runtime_lora_updating(request)
+    body = await read_json(request, LoadLoraRequest)
+    name = body.lora_name
+    await _service(request).load_adapter(name, body.lora_path, request_id(request))
+    return Response(f"Success: LoRA adapter '{name}' added successfully.", media_type="text/plain")
+
+
+@router.post("/unload_lora_adapter", response_model=None, openapi_extra=json_schema_body(UnloadLoraRequest))
+@ContractRoute.declare("openai")
+async def unload_lora_adapter(request: Request) -> Response:
+    _runtime_lora_updating(request)
+    body = await read_json(request, UnloadLoraRequest)
+    name = body.lora_name
+    await _service(request).unload_adapter(name, request_id(request))
+    return Response(f"Success: LoRA adapter '{name}' removed successfully.", media_type="text/plain")

@@ -154,6 +154,16 @@ class Backend(abc.ABC):
 
         await validate(so)
 
+    # LoRA adapters -----------------------------------------------------
+    async def load_adapter(self, name: str, path: str) -> None:
+        """Load the LoRA adapter in directory ``path`` (checked by :mod:`hfserve.lora`) under
+        ``name``; generation requests whose params name it then run with it, batched with others."""
+        raise errors.UnsupportedParameter(f"The {self.name} backend does not serve LoRA adapters")
+
+    async def unload_adapter(self, name: str) -> None:
+        """Release adapter ``name`` (loaded by :meth:`load_adapter`)."""
+        raise errors.UnsupportedParameter(f"The {self.name} backend does not serve LoRA adapters")
+
     # encoder tasks -----------------------------------------------------
     async def embed(self, inputs: list[list[int]]) -> list[list[float]]:
         raise NotImplementedError

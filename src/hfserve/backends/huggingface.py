@@ -57,6 +57,7 @@ from .base import Backend, resolve_dtype
 from .batching import BatchWindow, MicroBatcher
 from .encoders import EncoderTasks
 from .grammar import GrammarEngine
+from .lora import LoraWeights
 from .scheduler import GenerationScheduler
 
 logger = logging.getLogger("hfserve.backends.huggingface")
@@ -166,6 +167,8 @@ class HuggingFaceBackend(Backend):
         self.scheduler: GenerationScheduler | None = None
         #: structured outputs: xgrammar over the tokenizer (generative models only, see :mod:`.grammar`)
         self.grammar: GrammarEngine | None = None
+        #: LoRA adapters (``--enable-lora``), applied per row in the generation batch (see :mod:`.lora`)
+        self.lora: LoraWeights | None = None
         # encoder tasks: merged forward passes
         self.batcher = MicroBatcher(self._run_encoder, self._executor, max_batch_size=self.max_batch_size, window=self.window)
 
@@ -239,6 +242,13 @@ class HuggingFaceBackend(Backend):
             pooling=pooling,
             stats=self.stats,
         )
+        lora_config = self.model_config.lora
+        if lora_config.enabled:
+            if self.task is not Task.text_generation or self.config.is_encoder_decoder:
+                raise BackendLoadError(
+                    f"--enable-lora: LoRA adapters are served for text generation only, and this is a {self.task.label} model"
+                )
+            self.lora = LoraWeights(self.model)
         if self.task.is_generative:
             self.scheduler = GenerationScheduler(
                 self.model,
@@ -250,6 +260,8 @@ class HuggingFaceBackend(Backend):
                 max_batch_size=self.max_num_seqs,
                 window=self.window,
                 stats=self.stats,
+                run_model=None if self.lora is None else self.lora.run,
+                max_adapters=lora_config.max_loras if self.lora is not None else None,
             )
             self.grammar = self._grammar_engine()
         logger.info(
@@ -352,11 +364,21 @@ class HuggingFaceBackend(Backend):
             engine = self._grammar()
             compiled = await engine.compile(params.structured)
             processors.append(engine.processor(compiled, self.eos_token_ids | set(params.stop_token_ids)))
-        stream = self._generation().generate(prompt_ids, params, request_id, processors=processors)
+        stream = self._generation().generate(prompt_ids, params, request_id, processors=processors, adapter=params.adapter)
         async with contextlib.aclosing(stream):
             with self.map_exceptions(request_id):
                 async for deltas in stream:
                     yield deltas
+
+    # ---------------------------------------------------------- LoRA adapters
+    async def load_adapter(self, name: str, path: str) -> None:
+        if self.lora is None:
+            raise errors.InvalidRequest("LoRA adapters are not enabled on this server; start it with --enable-lora")
+        await asyncio.get_running_loop().run_in_executor(self._executor, self.lora.load, name, path)
+
+    async def unload_adapter(self, name: str) -> None:
+        if self.lora is not None:
+            await asyncio.get_running_loop().run_in_executor(self._executor, self.lora.unload, name)
 
     # ---------------------------------------------------------- encoder tasks
     async def _run(self, kind: str, inputs: list[list[int]], option: Any = None) -> Any:

