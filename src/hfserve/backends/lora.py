@@ -7,7 +7,9 @@ every adapter's A and B matrices side by side. Each forward pass of the generati
 decode steps alike) comes here with the adapter of each row, and runs with peft's mixed-batch
 inference (``adapter_names``, one per row; ``__base__`` for the base model's rows): every LoRA
 layer computes the base output for the whole batch, then adds each adapter's low-rank product to
-its own rows only. So rows of different adapters, and base rows, share one batch, one KV cache
+its own rows only. The rows' names reach the LoRA layers through forward pre-hooks installed once
+per load (what ``PeftModel.forward(adapter_names=...)`` does by registering and removing a hook on
+every layer at each call), so a forward pass costs no module walk. So rows of different adapters, and base rows, share one batch, one KV cache
 and one forward pass; nothing is merged into the base weights.
 
 Loading and unloading change the model's modules, so they take the same lock as the forward
@@ -35,6 +37,8 @@ class LoraWeights:
         self.peft: Any = None  # the PeftModel, once an adapter is loaded
         self.names: set[str] = set()
         self._lock = threading.Lock()
+        self._rows: list[str] = []  # the adapter of each row of the running forward pass
+        self._hooks: list[Any] = []
 
     def load(self, name: str, path: str) -> None:
         """Load the adapter in ``path`` as ``name`` (a worker thread; waits for the running step)."""
@@ -52,12 +56,27 @@ class LoraWeights:
                     f"LoRA adapter {name!r} ({path}) cannot be loaded into this model: {_reason(exc)}", param="lora_path"
                 ) from None
             self.names.add(name)
+            self._install_hooks()
 
     def unload(self, name: str) -> None:
         with self._lock:
             self.names.discard(name)
             if self.peft is not None and name in self.peft.peft_config:
                 self.peft.delete_adapter(name)
+            self._install_hooks()
+
+    def _install_hooks(self) -> None:
+        """A pre-hook on every LoRA layer that hands it the rows' adapter names (``adapter_names``)."""
+        from peft.tuners.lora import LoraLayer
+
+        for hook in self._hooks:
+            hook.remove()
+        layers: list[Any] = [module for module in self.model.modules() if isinstance(module, LoraLayer)]
+        self._hooks = [layer.register_forward_pre_hook(self._inject, with_kwargs=True) for layer in layers]
+
+    def _inject(self, module: Any, args: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        kwargs["adapter_names"] = self._rows
+        return args, kwargs
 
     def run(self, adapters: Sequence[str | None], encoder: bool, inputs: dict[str, Any]) -> Any:
         """One forward pass; row ``i`` with adapter ``adapters[i]`` (None: the base model)."""
@@ -77,7 +96,11 @@ class LoraWeights:
                 else:  # unloaded while the request ran
                     raise errors.ModelNotFound(f"Model with name {errors.echo(adapter)} does not exist.")
             # all-base batches too: without adapter_names peft would apply its active adapter to every row
-            return self.peft(**inputs, adapter_names=names)
+            self._rows = names
+            try:
+                return self.model(**inputs)
+            finally:
+                self._rows = []
 
 
 def _first(adapters: Sequence[str | None]) -> str:
