@@ -365,6 +365,25 @@ def test_compile_cache_and_shared_builds(tokenizer):
         eng.shutdown()
 
 
+def test_cache_bounded_by_bytes():
+    built = []
+
+    def build(so):
+        built.append(so.source)
+        return "x" * int(so.source)
+
+    cache = structured.GrammarCache(build, entries=100, max_bytes=25, size=len)
+    try:
+        for n in ("10", "10", "12", "8"):
+            cache.get_sync(StructuredOutput("regex", n, False, "x"))
+        assert built == ["10", "12", "8"]  # the second "10" was cached
+        # 10 + 12 + 8 > 25: the oldest ("10") went
+        assert cache.cached(StructuredOutput("regex", "10", False, "x")) is None
+        assert cache.cached(StructuredOutput("regex", "8", False, "x")) == "x" * 8
+    finally:
+        cache.shutdown()
+
+
 def test_slow_compile_is_refused_without_blocking(tokenizer):
     """A grammar that compiles longer than the limit is refused (naming the limit); the event loop
     keeps running meanwhile; the refusal is kept, so the same schema is refused at once after."""
@@ -545,12 +564,12 @@ EQUAL_CASES = [
 ]  # fmt: skip
 
 
-def _tokens(handle, case: dict, prompt: str) -> tuple[list[str], str | None]:
+def _tokens(handle, case: dict, prompt: str) -> tuple[list[str], str | None, list[float]]:
     body = {k: v for k, v in case.items() if v is not None}
     r = _complete(handle, prompt=prompt, max_tokens=48, temperature=0, logprobs=0, **body)
     assert r.status_code == 200, r.text
     choice = r.json()["choices"][0]
-    return choice["logprobs"]["tokens"], choice["finish_reason"]
+    return choice["logprobs"]["tokens"], choice["finish_reason"], choice["logprobs"]["token_logprobs"]
 
 
 @pytest.mark.vllm
@@ -561,7 +580,9 @@ def test_greedy_constrained_equal_across_backends(llama_hf, llama_vllm, case):
     for prompt in ("Hello", "The weather today"):
         hf = _tokens(llama_hf, EQUAL_CASES[case], prompt)
         vl = _tokens(llama_vllm, EQUAL_CASES[case], prompt)
-        assert hf == vl, (prompt, hf, vl)
+        # the tokens and how they ended; not the log-probabilities: vLLM 0.32 reports them after its
+        # grammar mask (applied to the logits in place), hfserve's transformers backend those of the raw logits
+        assert hf[:2] == vl[:2], (prompt, hf, vl)
 
 
 @pytest.mark.vllm
@@ -571,7 +592,7 @@ def test_greedy_equal_across_backends_with_server_config(compact_hf, compact_vll
                  {"response_format": {"type": "json_object"}}):  # fmt: skip
         hf = _tokens(compact_hf, case, "Hello")
         vl = _tokens(compact_vllm, case, "Hello")
-        assert hf == vl, (hf, vl)
+        assert hf[:2] == vl[:2], (hf, vl)
 
 
 # ------------------------------------------------------------------- errors

@@ -498,10 +498,16 @@ class GrammarCache(Generic[T]):
     """
 
     def __init__(self, build: Callable[[StructuredOutput], T], *, timeout: float | None = None, workers: int = 4,
-                 entries: int = CACHE_ENTRIES, name: str = "grammar"):  # fmt: skip
+                 entries: int = CACHE_ENTRIES, max_bytes: int | None = None, size: Callable[[T], int] | None = None,
+                 name: str = "grammar"):  # fmt: skip
         self.build = build
         self.timeout = COMPILE_TIMEOUT_S if timeout is None else timeout
         self.entries = entries
+        #: with ``size``: the most bytes the kept results may hold (the oldest go first)
+        self.max_bytes = max_bytes
+        self.size = size
+        self._bytes = 0
+        self._sizes: dict[tuple[str, str, bool], int] = {}
         self._done: OrderedDict[tuple[str, str, bool], tuple[T | None, errors.HFServeError | None]] = OrderedDict()
         self._running: dict[tuple[str, str, bool], _Compile[T]] = {}
         self._lock = threading.Lock()
@@ -574,11 +580,23 @@ class GrammarCache(Generic[T]):
         self._keep(key, value, error)
 
     def _keep(self, key: tuple[str, str, bool], value: T | None, error: errors.HFServeError | None) -> None:
+        nbytes = 0
+        if value is not None and self.size is not None:
+            try:
+                nbytes = int(self.size(value))
+            except Exception:  # noqa: BLE001 - unknown size: counted as none
+                nbytes = 0
         with self._lock:
+            self._bytes -= self._sizes.pop(key, 0)
             self._done[key] = (value, error)
             self._done.move_to_end(key)
-            while len(self._done) > self.entries:
-                self._done.popitem(last=False)
+            self._sizes[key] = nbytes
+            self._bytes += nbytes
+            while len(self._done) > 1 and (
+                len(self._done) > self.entries or (self.max_bytes is not None and self._bytes > self.max_bytes)
+            ):
+                old, _ = self._done.popitem(last=False)
+                self._bytes -= self._sizes.pop(old, 0)
 
     async def _wait(self, job: _Compile[T], so: StructuredOutput) -> T:
         waiting = asyncio.wrap_future(job.future)

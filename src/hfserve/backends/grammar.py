@@ -37,6 +37,9 @@ from ..structured import GrammarCache, build_grammar
 
 logger = logging.getLogger("hfserve.backends.grammar")
 
+#: the most memory the compiled grammars of one engine may hold (vLLM's default xgrammar cache size)
+CACHE_BYTES = 512 * 1024 * 1024
+
 
 class GrammarEngine:
     """Compiles constraints for one tokenizer and makes the per-request logits processors."""
@@ -49,7 +52,10 @@ class GrammarEngine:
         threads = max(1, min(8, os.cpu_count() or 1))
         # hfserve keeps its own cache (by constraint), so xgrammar's is off
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=threads, cache_enabled=False)
-        self.grammars: GrammarCache[Any] = GrammarCache(self._compile, timeout=timeout, entries=256, name="grammar")
+        self.grammars: GrammarCache[Any] = GrammarCache(
+            self._compile, timeout=timeout, entries=256, max_bytes=CACHE_BYTES, size=lambda c: c.memory_size_bytes,
+            name="grammar",
+        )
 
     def _compile(self, so: StructuredOutput) -> Any:
         return self.compiler.compile_grammar(build_grammar(so))
