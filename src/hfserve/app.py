@@ -27,6 +27,7 @@ def openai_prefix(configured: str | None = None) -> str:
 def create_app(service: ModelService, config: Config) -> FastAPI:
     prefix = openai_prefix(config.server.openai_prefix)
     metrics = Metrics()
+    metrics.engine_registry = lambda: getattr(service.backend, "metrics_registry", None)
     handling = ErrorHandling(
         metrics,
         family_prefixes(prefix),

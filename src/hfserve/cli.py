@@ -390,6 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max_batch_size", type=int, default=32, help="most inputs (generation: sequences) sharing one forward pass (transformers backend)")
     s.add_argument("--max_batch_wait_ms", type=float, default=DEFAULT_MAX_WAIT_MS, help="longest a batch waits for more requests after its first (transformers backend)")
     s.add_argument("--batch_idle_ms", type=float, default=DEFAULT_IDLE_MS, help="a forming batch closes once no request has joined it for this long (transformers backend)")
+    s.add_argument("--stall_timeout_seconds", type=float, default=60.0, help="readiness turns false while the decode loop has work and makes no progress for this long; 0: never (transformers backend)")
     s.add_argument("--disable_log_requests", action="store_true", help="no access log line per request")
     s.add_argument("--max_request_body_bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="larger bodies get 413")
     s.add_argument("--max_concurrent_requests", type=int, default=None, help="model requests running at once (default: no limit)")
@@ -458,6 +459,8 @@ def resolve(args: argparse.Namespace) -> Config:
         _fail(f"--max_batch_size must be positive, got {args.max_batch_size}")
     if not args.max_batch_wait_ms >= 0:
         _fail(f"--max_batch_wait_ms must be zero or positive, got {args.max_batch_wait_ms}")
+    if not args.stall_timeout_seconds >= 0:
+        _fail(f"--stall_timeout_seconds must be zero or positive, got {args.stall_timeout_seconds}")
     if not args.batch_idle_ms >= 0:
         _fail(f"--batch_idle_ms must be zero or positive, got {args.batch_idle_ms}")
     if args.max_concurrent_requests is not None and args.max_concurrent_requests < 1:
@@ -614,6 +617,7 @@ def _config(args: argparse.Namespace, source: str, local_dir: Path | None, task:
             max_batch_size=args.max_batch_size,
             max_batch_wait_ms=args.max_batch_wait_ms,
             batch_idle_ms=args.batch_idle_ms,
+            stall_timeout_seconds=args.stall_timeout_seconds,
         ),
         engine=EngineConfig(backend=args.backend, engine_args=engine_args),
     )

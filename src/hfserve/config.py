@@ -188,6 +188,8 @@ class BatchingConfig:
     max_batch_size: int = 32
     max_batch_wait_ms: float = DEFAULT_MAX_WAIT_MS
     batch_idle_ms: float = DEFAULT_IDLE_MS
+    #: readiness turns false while the decode loop has work and makes no progress for this long (0: never)
+    stall_timeout_seconds: float = 60.0
 
 
 @dataclass(frozen=True)

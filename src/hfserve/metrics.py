@@ -1,10 +1,24 @@
-"""Prometheus metrics: requests, latency, errors by family and class, tokens."""
+"""Prometheus metrics: requests, latency, errors by family and class, tokens; and the engine's
+statistics under vLLM's names (``vllm:*``: the vLLM engine's own stat logger, or the transformers
+backend's scheduler, see :mod:`hfserve.backends.stats`), served together on ``/metrics``."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+
+# no ``*_created`` series (one per counter and histogram child: noise to every scraper)
+disable_created_metrics()
 
 
 class Metrics:
@@ -13,6 +27,8 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        #: the engine's registry, served after hfserve's own (set by the app; None: none yet)
+        self.engine_registry: Callable[[], Any] = lambda: None
         self.requests = Counter(
             "hfserve_requests_total",
             "Requests answered, by API family (openai, v1, v2, grpc, other) and status (HTTP code, or gRPC status name).",
@@ -58,4 +74,8 @@ class Metrics:
         return found
 
     def render(self) -> tuple[bytes, str]:
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        body = generate_latest(self.registry)
+        engine = self.engine_registry()
+        if engine is not None:
+            body += generate_latest(engine)
+        return body, CONTENT_TYPE_LATEST

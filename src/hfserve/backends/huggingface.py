@@ -59,6 +59,8 @@ from .encoders import EncoderTasks
 from .grammar import GrammarEngine
 from .lora import LoraWeights
 from .scheduler import GenerationScheduler
+from .stats import EngineStats
+from .watchdog import StallWatchdog
 
 logger = logging.getLogger("hfserve.backends.huggingface")
 
@@ -169,6 +171,11 @@ class HuggingFaceBackend(Backend):
         self.grammar: GrammarEngine | None = None
         #: LoRA adapters (``--enable-lora``), applied per row in the generation batch (see :mod:`.lora`)
         self.lora: LoraWeights | None = None
+        #: vLLM-named engine statistics of the generation scheduler (see :mod:`.stats`), served on /metrics
+        self.metrics_registry: Any = None
+        #: the decode loop's stall watchdog (``--stall_timeout_seconds``; see :mod:`.watchdog`)
+        self.stall_timeout = float(batching.stall_timeout_seconds)
+        self.watchdog: StallWatchdog | None = None
         # encoder tasks: merged forward passes
         self.batcher = MicroBatcher(self._run_encoder, self._executor, max_batch_size=self.max_batch_size, window=self.window)
 
@@ -264,6 +271,16 @@ class HuggingFaceBackend(Backend):
                 max_adapters=lora_config.max_loras if self.lora is not None else None,
             )
             self.grammar = self._grammar_engine()
+            engine_stats = EngineStats(
+                self.model_config.name,
+                max_num_seqs=self.max_num_seqs,
+                max_model_len=self.max_model_len,
+                max_lora=lora_config.max_loras if self.lora is not None else None,
+            )
+            self.scheduler.attach_stats(engine_stats)
+            self.metrics_registry = engine_stats.registry
+            self.watchdog = StallWatchdog(self.scheduler.busy_since, self.stall_timeout)
+            self.watchdog.start()
         logger.info(
             "loaded %s (%s) for %s on %s as %s, max_model_len %d",
             self.model_path,
@@ -309,11 +326,17 @@ class HuggingFaceBackend(Backend):
     async def stop(self) -> None:
         """Stop the decode thread and the workers, and wait for them: a thread still inside
         torch while the interpreter exits aborts the process (exit code -6 instead of 0)."""
+        if self.watchdog is not None:
+            self.watchdog.stop()
         if self.scheduler is not None:
             await self.scheduler.stop()
         if self.grammar is not None:
             self.grammar.shutdown()
         await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
+
+    def healthy(self) -> bool:
+        """False while the decode loop is stalled (see :mod:`.watchdog`)."""
+        return self.watchdog is None or not self.watchdog.check()
 
     @property
     def eos_token_ids(self) -> set[int]:

@@ -85,6 +85,7 @@ from . import sampler
 from .batching import BatchWindow
 from .padding import pad_batch
 from .sampler import LogitsProcessor
+from .stats import EngineStats, Snapshot
 from .textstream import TextStream
 from .tokenizing import Detokenizer
 
@@ -167,6 +168,11 @@ class _Job:
         self.step = 0
         self.live = 0  # sequences still running
         self.prompt_logprobs: list[TokenLogprob | None] | None = None
+        # engine statistics (see .stats): the times of the first and latest tokens, each row's finish reason
+        self.engine_stats: EngineStats | None = None
+        self.first_token: float | None = None
+        self.last_token: float | None = None
+        self.reasons: list[str] = []
 
     @property
     def rows(self) -> int:
@@ -185,6 +191,8 @@ class _Job:
             self.emit(exc)
         self.emit(_DONE)
         self.done = True
+        if self.engine_stats is not None:
+            self.engine_stats.finished(self.arrived, self.reasons, self.rows, exc is not None, time.monotonic())
 
 
 class _Seq:
@@ -276,6 +284,11 @@ class GenerationScheduler:
         self._stopping = False
         self._mergeable: bool | None = None  # can KV caches of different requests be concatenated?
         self._outboxes: dict[asyncio.AbstractEventLoop, _Outbox] = {}  # one per event loop, see _Outbox
+        #: vLLM-named statistics (None: not kept); see :meth:`attach_stats`
+        self.engine_stats: EngineStats | None = None
+        self._admitting: list[_Job] = []  # taken from the queue, being prefilled
+        #: the decode loop's last sign of progress (monotonic), read by the stall watchdog
+        self.progress_at = time.monotonic()
 
     # ------------------------------------------------------------ event loop side
     async def generate(
@@ -297,6 +310,7 @@ class GenerationScheduler:
                     self._outboxes = {lp: ob for lp, ob in self._outboxes.items() if not lp.is_closed()}
                 outbox = self._outboxes[loop] = _Outbox(loop)
         job = _Job(outbox, prompt_ids, params, request_id, processors, adapter)
+        job.engine_stats = self.engine_stats
         self._ensure_thread()
         with self._cv:
             self._incoming.append(job)
@@ -332,6 +346,49 @@ class GenerationScheduler:
         """The request id of every row in the running batch (a snapshot, for tests)."""
         return [row.job.request_id for cohort in list(self._cohorts) for row in cohort.rows]
 
+    def attach_stats(self, stats: EngineStats) -> None:
+        """Keep vLLM-named statistics in ``stats`` (its gauges read :meth:`snapshot`)."""
+        self.engine_stats = stats
+        stats.snapshot = self.snapshot
+
+    def snapshot(self) -> Snapshot:
+        """Sequences running (decoding or being prefilled) and waiting, KV-cache positions held, adapters
+        (any thread: a best-effort read of the decode thread's state)."""
+        snap = Snapshot()
+        for cohort in list(self._cohorts):
+            rows = list(cohort.rows)
+            live = [row for row in rows if not (row.finished or row.job.done or row.job.cancelled.is_set())]
+            snap.running += len(live)
+            snap.running_adapters.extend(row.job.adapter for row in live if row.job.adapter is not None)
+            mask, enc = cohort.mask, cohort.enc_mask
+            if mask is not None:
+                length = int(mask.shape[1])
+            else:  # encoder-decoder: the decoder's steps and the cross-attention's encoder length
+                length = (rows[0].job.step if rows else 0) + (int(enc.shape[1]) if enc is not None else 0)
+            snap.kv_positions += length * len(rows)
+        for job in list(self._admitting):
+            if not job.done:
+                snap.running += job.rows
+                if job.adapter is not None:
+                    snap.running_adapters.append(job.adapter)
+        for job in list(self._incoming):
+            if not job.done and not job.cancelled.is_set():
+                snap.waiting += job.rows
+                if job.adapter is not None:
+                    snap.waiting_adapters.append(job.adapter)
+        return snap
+
+    def busy_since(self) -> float | None:
+        """None when the decode loop has nothing to do; else the time since which it has made no
+        progress (its last step, or the oldest waiting request's arrival if later)."""
+        incoming = list(self._incoming)
+        if not self._cohorts and not self._admitting and not incoming:
+            return None
+        since = self.progress_at
+        if incoming:
+            since = max(since, min(job.arrived for job in incoming))
+        return since
+
     async def stop(self) -> None:
         """Fail what is waiting or running (the model is shutting down) and wait for the decode thread."""
         with self._cv:
@@ -356,17 +413,25 @@ class GenerationScheduler:
                 new = self._take_incoming()
                 if new is None:
                     return
+                self.progress_at = time.monotonic()
                 with torch.inference_mode():
                     if new:
+                        self._admitting = new
                         self._admit(new)
+                        self._admitting = []
+                        self.progress_at = time.monotonic()
                     for cohort in list(self._cohorts):
                         self._step(cohort)
+                        self.progress_at = time.monotonic()
             except Exception as exc:  # never let the scheduler die
                 logger.exception("generation scheduler failed; failing the running requests")
                 for cohort in self._cohorts:
                     for job in cohort.jobs:
                         job.finish(exc)
                 self._cohorts = []
+                for job in self._admitting:
+                    job.finish(exc)
+                self._admitting = []
             finally:
                 self._flush_outboxes()
 
@@ -433,6 +498,8 @@ class GenerationScheduler:
     def _start_job(self, job: _Job) -> None:
         job.gen = sampler.new_generator(job.params.seed, self.device)
         job.live = job.params.n
+        if job.engine_stats is not None:
+            job.engine_stats.admitted(job.arrived, len(job.prompt_ids), time.monotonic())
 
     def _new_rows(self, job: _Job) -> list[_Seq]:
         return [_Seq(job, i, TextStream(self.detokenizer(), job.params.stop)) for i in range(job.params.n)]
@@ -727,10 +794,16 @@ class GenerationScheduler:
             if delta.finish_reason:
                 row.finished = True
                 job.live -= 1
+                job.reasons.append(delta.finish_reason)
             if job.step == 0 and job.prompt_logprobs is not None:
                 delta.prompt_logprobs = job.prompt_logprobs
             deltas.append(delta)
         job.step += 1
+        if job.engine_stats is not None:
+            now = time.monotonic()
+            job.engine_stats.tokens(len(ids), job.arrived, job.first_token, job.last_token, now)
+            job.first_token = job.first_token or now
+            job.last_token = now
         job.emit(deltas)
         if job.live <= 0:
             job.finish()

@@ -1,0 +1,239 @@
+"""vLLM's engine metrics on /metrics on both backends (issue 15 part 4), and the transformers
+backend's stall watchdog (part 5).
+
+The transformers backend computes them in its scheduler (hfserve/backends/stats.py); the vLLM
+backend serves vLLM's own Prometheus stat logger. After known traffic the counters equal the usage
+the responses reported; during a flood ``running`` and ``waiting`` are what ``--max-num-seqs``
+says; after a timeout or a dropped stream nothing stays running.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import sys
+import time
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import ROOT, needs_vllm
+from tests.servers import start_server, stop_server
+
+ENGINE_METRICS = (
+    "vllm:num_requests_waiting",
+    "vllm:num_requests_running",
+    "vllm:kv_cache_usage_perc",
+    "vllm:time_to_first_token_seconds",
+    "vllm:inter_token_latency_seconds",
+    "vllm:e2e_request_latency_seconds",
+    "vllm:request_queue_time_seconds",
+    "vllm:prompt_tokens",
+    "vllm:generation_tokens",
+    "vllm:request_success",
+)
+
+
+def scrape(server) -> dict[str, list]:
+    """Families by name (counters without ``_total``, as the parser names them)."""
+    r = httpx.get(f"{server.url}/metrics", timeout=30)
+    assert r.status_code == 200
+    return {f.name: f.samples for f in text_string_to_metric_families(r.text)}
+
+
+def value(families, name: str, sample: str | None = None, **labels: str) -> float:
+    found = [
+        s.value
+        for s in families.get(name, [])
+        if s.name == (sample or name) and all(s.labels.get(k) == v for k, v in labels.items())
+    ]
+    assert len(found) == 1, (name, sample, labels, families.get(name))
+    return found[0]
+
+
+def counters(server) -> dict[str, float]:
+    f = scrape(server)
+    m = server.name
+    return {
+        "prompt": value(f, "vllm:prompt_tokens", "vllm:prompt_tokens_total", model_name=m),
+        "generation": value(f, "vllm:generation_tokens", "vllm:generation_tokens_total", model_name=m),
+        "stop": value(f, "vllm:request_success", "vllm:request_success_total", model_name=m, finished_reason="stop"),
+        "length": value(f, "vllm:request_success", "vllm:request_success_total", model_name=m, finished_reason="length"),
+        "abort": value(f, "vllm:request_success", "vllm:request_success_total", model_name=m, finished_reason="abort"),
+        "e2e": value(f, "vllm:e2e_request_latency_seconds", "vllm:e2e_request_latency_seconds_count", model_name=m),
+        "ttft": value(f, "vllm:time_to_first_token_seconds", "vllm:time_to_first_token_seconds_count", model_name=m),
+    }
+
+
+def gauges(server) -> tuple[float, float, float]:
+    f = scrape(server)
+    m = server.name
+    return (
+        value(f, "vllm:num_requests_running", model_name=m),
+        value(f, "vllm:num_requests_waiting", model_name=m),
+        value(f, "vllm:kv_cache_usage_perc", model_name=m),
+    )
+
+
+def wait_for(check, timeout: float = 30, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"not reached within {timeout}s (last: {last})")
+
+
+def idle(server) -> bool:
+    running, waiting, _ = gauges(server)
+    return running == 0 and waiting == 0
+
+
+@pytest.fixture(params=["huggingface", pytest.param("vllm", marks=needs_vllm)])
+def llama_any(request):
+    return request.getfixturevalue("llama_hf" if request.param == "huggingface" else "llama_vllm")
+
+
+def test_metrics_served_with_vllm_names_and_no_created_series(llama_any):
+    complete(llama_any, "Hello world", max_tokens=3)
+    text = httpx.get(f"{llama_any.url}/metrics", timeout=30).text
+    families = scrape(llama_any)
+    for name in ENGINE_METRICS:
+        assert name in families, name
+        assert any(s.labels.get("model_name") == llama_any.name for s in families[name]), name
+    assert "hfserve_requests_total" in text  # hfserve's own per-family metrics stay
+    assert "_created" not in text
+    buckets = [s.labels["le"] for s in families["vllm:time_to_first_token_seconds"] if s.name.endswith("_bucket")]
+    assert buckets[:3] == ["0.001", "0.005", "0.01"] and buckets[-1] == "+Inf"
+
+
+def complete(server, prompt: str, **body) -> dict:
+    r = httpx.post(f"{server.openai_url}/completions", json={"model": server.name, "prompt": prompt, **body}, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_counters_equal_reported_usage(llama_any):
+    wait_for(lambda: idle(llama_any))
+    before = counters(llama_any)
+    answers = [
+        complete(llama_any, "Hello world", max_tokens=7, temperature=0),
+        complete(llama_any, "Once upon a time", max_tokens=4, temperature=0),
+        complete(llama_any, "a b c d e f", max_tokens=1, temperature=0),
+    ]
+    prompt = sum(a["usage"]["prompt_tokens"] for a in answers)
+    generated = sum(a["usage"]["completion_tokens"] for a in answers)
+    reasons = [a["choices"][0]["finish_reason"] for a in answers]
+
+    def settled():  # vLLM's stats reach its logger with the engine's next output batch
+        after = counters(llama_any)
+        return after if after["e2e"] - before["e2e"] >= 3 else None
+
+    after = wait_for(settled, timeout=15)
+    assert after["prompt"] - before["prompt"] == prompt
+    assert after["generation"] - before["generation"] == generated
+    assert after["stop"] - before["stop"] == reasons.count("stop")
+    assert after["length"] - before["length"] == reasons.count("length")
+    assert after["ttft"] - before["ttft"] == 3
+    wait_for(lambda: idle(llama_any))
+
+
+def test_dropped_stream_leaves_nothing_running(llama_any):
+    wait_for(lambda: idle(llama_any))
+    before = counters(llama_any)
+    body = {"model": llama_any.name, "prompt": "Once upon a time", "max_tokens": 200, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{llama_any.openai_url}/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                break  # one event, then the client goes away
+    wait_for(lambda: idle(llama_any), timeout=20)
+    wait_for(lambda: counters(llama_any)["abort"] - before["abort"] == 1, timeout=20)
+
+
+# ------------------------------------------------------------------ transformers: a flood, a timeout, a stall
+@pytest.fixture(scope="module")
+def gate(tmp_path_factory):
+    return tmp_path_factory.mktemp("gate") / "hang"
+
+
+@pytest.fixture(scope="module")
+def gated(models, log_dir, gate):
+    """hfserve (transformers) whose forward passes hang while ``gate`` exists (tests/stall_server.py)."""
+    handle = start_server(
+        models["llama"],
+        "gated",
+        log_dir,
+        "--backend",
+        "huggingface",
+        "--max-num-seqs",
+        "2",
+        "--stall_timeout_seconds",
+        "1.5",
+        entry=[sys.executable, str(ROOT / "tests" / "stall_server.py")],
+        env={"HFSERVE_TEST_GATE": str(gate)},
+    )
+    yield handle
+    gate.unlink(missing_ok=True)
+    assert stop_server(handle) == 0
+
+
+def ready(server) -> int:
+    return httpx.get(f"{server.url}/v2/health/ready", timeout=10).status_code
+
+
+def test_flood_and_stall(gated, gate):
+    """6 requests with --max-num-seqs 2 while the forward pass hangs: 2 running, 4 waiting; after
+    --stall_timeout_seconds readiness turns 503 and the log says why; it returns with progress."""
+    gate.touch()
+    before = counters(gated)
+    with concurrent.futures.ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(complete, gated, f"Hello world {i}", max_tokens=5, temperature=0) for i in range(6)]
+        wait_for(lambda: gauges(gated)[:2] == (2, 4), timeout=30)
+        wait_for(lambda: ready(gated) == 503, timeout=10)
+        assert "no progress" in gated.log() and "--stall_timeout_seconds" in gated.log()
+        # a new model request is refused while stalled; liveness stays
+        r = httpx.post(f"{gated.openai_url}/completions", json={"model": "gated", "prompt": "hi", "max_tokens": 2}, timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_not_ready"
+        assert httpx.get(f"{gated.url}/v2/health/live", timeout=10).status_code == 200
+        # while the first two decode, the others wait: running never exceeds the limit
+        gate.unlink()
+        answers = [f.result(timeout=120) for f in futures]
+    wait_for(lambda: ready(gated) == 200, timeout=15)
+    assert "making progress again" in gated.log()
+    wait_for(lambda: idle(gated), timeout=15)
+    after = counters(gated)
+    assert after["prompt"] - before["prompt"] == sum(a["usage"]["prompt_tokens"] for a in answers)
+    assert after["generation"] - before["generation"] == sum(a["usage"]["completion_tokens"] for a in answers)
+    assert after["e2e"] - before["e2e"] == 6
+    assert gauges(gated)[2] == 0
+
+
+def test_timeout_leaves_nothing_running(gated, gate):
+    wait_for(lambda: idle(gated))
+    gate.touch()
+    try:
+        r = httpx.post(
+            f"{gated.openai_url}/completions",
+            json={"model": "gated", "prompt": "Hello", "max_tokens": 50},
+            headers={"x-request-timeout": "1"},
+            timeout=30,
+        )
+        assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+    finally:
+        gate.unlink(missing_ok=True)
+    wait_for(lambda: idle(gated), timeout=15)
+    wait_for(lambda: ready(gated) == 200, timeout=15)
+
+
+def test_stall_flag(models, capsys):
+    from hfserve.cli import build_parser, resolve
+
+    model = str(models["llama"])
+    config = resolve(build_parser().parse_args(["--model_dir", model, "--stall-timeout-seconds", "7"]))
+    assert config.batching.stall_timeout_seconds == 7
+    assert resolve(build_parser().parse_args(["--model_dir", model])).batching.stall_timeout_seconds == 60
+    with pytest.raises(SystemExit) as exc:
+        resolve(build_parser().parse_args(["--model_dir", model, "--stall_timeout_seconds", "-1"]))
+    assert exc.value.code == 2 and "--stall_timeout_seconds must be zero or positive" in capsys.readouterr().err
