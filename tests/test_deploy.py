@@ -556,6 +556,9 @@ def test_example_arguments_are_hfserve_flags(isvc, models, caplog):
     config = read_by_hfserve(["--model_dir", str(model_dir_for(argv, models)), *argv], caplog)
     if config is not None:
         assert config.model.name == isvc
+        lora = getattr(config.model, "lora", None)
+        if "--enable-lora" in argv and lora is not None:  # the adapters of the manifest are what hfserve serves
+            assert lora.enabled and [m.name for m in lora.modules] == ["sql-lora"] and lora.max_lora_rank == 64
 
 
 def test_multinode_head_runs_hfserve_on_ray(models, caplog, tmp_path):
