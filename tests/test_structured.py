@@ -14,6 +14,7 @@ The fixture model has random weights: inside JSON it emits whitespace forever un
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import pathlib
 import re
@@ -704,3 +705,40 @@ def test_greedy_masked_rows_equal_the_per_row_path(llama_hf):
     both = _complete(llama_hf, n=2, **body).json()["choices"]
     assert [c["text"] for c in both] == [alone, alone]
     assert re.fullmatch(r"[a-z ]{5,40}\.", alone), alone
+
+
+# ------------------------------------------------ in process: the serving layer
+@pytest.mark.anyio
+async def test_backend_without_structured_outputs_refuses(fake):
+    srv = await fake()  # the fake backend cannot constrain
+    rf = {"type": "json_schema", "json_schema": {"name": "p", "schema": PERSON}}
+    for stream in (False, True):
+        r = await srv.post("/openai/v1/chat/completions", {"model": "fake", "messages": [{"role": "user", "content": "hi"}],
+                                                          "response_format": rf, "stream": stream})  # fmt: skip
+        err = r.json()["error"]
+        assert (r.status_code, err["code"], err["param"]) == (400, "unsupported_parameter", "response_format.json_schema.schema")
+
+
+@pytest.mark.anyio
+async def test_service_puts_the_checked_constraint_on_the_params(fake):
+    srv = await fake(model_options={"structured_outputs_config": {"disable_any_whitespace": True}})
+    srv.backend.capabilities = dataclasses.replace(srv.backend.capabilities, structured_outputs=True)
+    r = await srv.post("/openai/v1/completions", {"model": "fake", "prompt": "hi", "max_tokens": 3,
+                                                  "structured_outputs": {"json": PERSON}})  # fmt: skip
+    assert r.status_code == 200, r.text
+    so = srv.backend.params[-1].structured
+    assert so is not None and so.kind == "json" and so.param == "structured_outputs.json"
+    assert so.disable_any_whitespace  # the server's --structured-outputs-config
+    assert list(json.loads(so.source)["properties"]) == list(PERSON["properties"])
+    # a backend without its own compiler: the backend-neutral check refuses what does not compile, before any output
+    r = await srv.post("/openai/v1/completions", {"model": "fake", "prompt": "hi", "stream": True,
+                                                  "structured_outputs": {"regex": "(unclosed"}})  # fmt: skip
+    assert r.status_code == 400 and r.json()["error"]["param"] == "structured_outputs.regex"
+    # what tool calling calls
+    service = srv.service
+    assert await service.check_structured(None) is None
+    checked = await service.check_structured(structured.json_schema({"type": "object"}, param="tool_choice"))
+    assert checked is not None and checked.disable_any_whitespace and checked.param == "tool_choice"
+    with pytest.raises(errors.UnsupportedParameter) as info:
+        await service.check_structured(StructuredOutput("json", '{"type":"integer","multipleOf":2}', False, "tool_choice"))
+    assert info.value.param == "tool_choice"
