@@ -15,7 +15,7 @@ from unittest import mock
 import pytest
 from fastapi import APIRouter
 
-from hfserve.api import kserve_v1, kserve_v2, openai
+from hfserve.api import kserve_v1, kserve_v2, openai, scoring
 from hfserve.api.routing import ContractRoute, RouteFacts, RouteIndex
 from hfserve.app import create_app
 from hfserve.config import Config, ModelConfig, ServerConfig
@@ -50,6 +50,8 @@ FACTS = {
     ("POST", "/openai/v1/completions"): RouteFacts("openai", model_work=True),
     ("POST", "/openai/v1/chat/completions"): RouteFacts("openai", model_work=True),
     ("POST", "/openai/v1/embeddings"): RouteFacts("openai", model_work=True),
+    ("POST", "/openai/v1/rerank"): RouteFacts("openai", model_work=True),
+    ("POST", "/openai/v1/score"): RouteFacts("openai", model_work=True),
     ("GET", "/openai/v1/models"): RouteFacts("openai"),
     ("GET", "/openai/v1/models/m"): RouteFacts("openai"),
 }
@@ -138,7 +140,7 @@ def test_index_dispatches_every_route_itself(prefix):
 
     index.dispatch = router_dispatch
     model_work = [key for key, facts in FACTS.items() if facts.model_work]
-    assert len(model_work) == 10
+    assert len(model_work) == 12
     for method, path in sorted(FACTS, key=lambda key: key not in model_work):
         path = path.replace("/openai", f"/{prefix}" if prefix else "")
         status, reached = dispatch(app, method, path)
@@ -209,5 +211,6 @@ def test_request_only_endpoints_are_called_directly():
         return {r.path for r in router.routes if r._direct_handler()}
 
     assert {"/completions", "/chat/completions", "/embeddings"} <= direct(openai.router)
+    assert {"/rerank", "/score"} <= direct(scoring.router)
     assert not direct(kserve_v2.router) & {"/v2/models/{name}/infer", "/v2/models/{name}"}
     assert not direct(kserve_v1.router)
