@@ -305,6 +305,7 @@ def test_startup_refuses_bad_adapters(models, capsys, tmp_path):
     assert "not valid JSON" in _startup_error(models, capsys, "--enable-lora", "--lora-modules", '{"name": "a", ')
     assert "twice" in _startup_error(models, capsys, "--enable-lora", "--lora-modules", f"a={a}", f"a={a}")
     assert "--max-loras" in _startup_error(models, capsys, "--enable-lora", "--max-loras", "0")
+    assert "--max-cpu-loras (1)" in _startup_error(models, capsys, "--enable-lora", "--max-loras", "2", "--max-cpu-loras", "1")
 
 
 def test_startup_refuses_lora_on_encoder_models(models, capsys):

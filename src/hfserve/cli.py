@@ -530,6 +530,8 @@ def _lora(args: argparse.Namespace, local_dir: Path | None, task: Task | None) -
         value = getattr(args, flag)
         if value is not None and value < 1:
             _fail(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    if args.max_cpu_loras is not None and args.max_cpu_loras < args.max_loras:
+        _fail(f"--max-cpu-loras ({args.max_cpu_loras}) must be at least --max-loras ({args.max_loras})")
     if not args.enable_lora:
         if args.lora_modules:
             _fail("--lora-modules needs --enable-lora")

@@ -58,9 +58,12 @@ Rows with different weights (adapters)
 Every job carries an ``adapter`` key (None: the base model). Rows of different adapters
 share cohorts like any other rows, and every forward pass of the scheduler (prefills,
 the encoder pass, decode steps) goes through :meth:`GenerationScheduler._run_model`,
-which receives the adapter key of each row of the batch, in row order. That is where
-per-row LoRA deltas are to be applied (e.g. a batched low-rank product per adapter on
-the rows that use it); today it runs the base model and refuses any other key.
+which receives the adapter key of each row of the batch, in row order, and hands the pass
+to ``run_with_adapters`` when the backend serves LoRA adapters (:mod:`.lora`: peft's
+mixed-batch LoRA, each row with its own adapter's low-rank delta; without it any adapter key
+is refused). ``max_adapters`` (``--max-loras``) bounds the different adapters among the
+running rows: a request for another adapter waits at admission, keeping its place, while
+requests behind it (the base model's, or a running adapter's) are admitted.
 """
 
 from __future__ import annotations
