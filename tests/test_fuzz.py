@@ -52,6 +52,8 @@ MODEL_ROUTES = [
     "/openai/v1/completions",
     "/openai/v1/chat/completions",
     "/openai/v1/embeddings",
+    "/openai/v1/rerank",
+    "/openai/v1/score",
     "/v1/models/{name}:predict",
     "/v2/models/{name}/infer",
     "/v2/models/{name}/generate",

@@ -176,3 +176,14 @@ async def test_concurrent_reranks_share_encoder_batches(models):
         expected = ce.predict([(q, d) for d in mine])
         got = {r["index"]: r["relevance_score"] for r in resp.json()["results"]}
         assert [got[j] for j in range(6)] == pytest.approx([float(x) for x in expected], rel=1e-4, abs=1e-4)
+
+
+@pytest.mark.vllm
+def test_backend_auto_picks_vllm_for_one_label_classifiers_only(models):
+    pytest.importorskip("vllm")
+    from hfserve.backends.vllm import supports
+
+    ok, reason = supports(ModelConfig.local(models["cross_encoder"]))
+    assert (ok, reason) == (True, "vLLM supports BertForSequenceClassification for sequence classification")
+    ok, reason = supports(ModelConfig.local(models["bert_cls"]))
+    assert not ok and "one label" in reason
