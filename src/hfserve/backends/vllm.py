@@ -1,4 +1,4 @@
-"""The vLLM backend: text generation and text embedding on a vLLM ``AsyncLLM`` engine.
+"""The vLLM backend: text generation, text embedding and one-label cross-encoders on a vLLM ``AsyncLLM`` engine.
 
 Same semantics as the Hugging Face backend (see ``huggingface.py``): the same
 tokenizer (loaded with transformers, so chat templates and tokenization are
