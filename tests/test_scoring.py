@@ -299,3 +299,13 @@ def test_matryoshka_dimension_errors(matryoshka):
     assert "16, 32, 64" in msg
     assert_error(post(matryoshka, "/embeddings", {**body, "dimensions": 65}), "invalid_request", param="dimensions")
     assert_error(post(matryoshka, "/embeddings", {**body, "dimensions": 0}), "invalid_request", param="dimensions")
+
+
+def test_truncation_below_the_special_tokens_cuts_plainly(ce):
+    """A keep smaller than a pair's special tokens ([CLS] [SEP] [SEP]): the tokenizer cannot cut
+    the texts, so the ids are cut plainly to ``keep`` (as vLLM cuts them); never a failure."""
+    resp = post(ce, "/score", {"text_1": QUERY, "text_2": [LONG, "hello"], "truncate_prompt_tokens": 2})
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["usage"]["total_tokens"] == 4
+    scores = [d["score"] for d in resp.json()["data"]]
+    assert scores[0] == pytest.approx(scores[1], **TOL)  # both pairs are [CLS] plus the query's first token

@@ -239,6 +239,8 @@ async def _cross_encoder_scores(
     starts: list[int] = []
     for i, ids in enumerate(inputs):
         where = f"{param}.{i}"
+        if keep is not None and len(ids) > keep:  # fewer tokens than the pair's special tokens: the
+            ids = inputs[i] = ids[:keep]  # tokenizer does not cut, so the ids are cut plainly (as vLLM does)
         if not ids:
             raise errors.InvalidRequest("a pair must not be empty", param=where)
         if len(ids) > limit:
@@ -247,7 +249,7 @@ async def _cross_encoder_scores(
                 f"of {limit} tokens; shorten it, or send truncate_prompt_tokens to cut it",
                 param=where,
             )
-        row = list(types[i]) if types is not None else []
+        row = list(types[i])[: len(ids)] if types is not None else []
         starts.append(next((p for p, t in enumerate(row) if t), len(ids)))
     with service.backend.map_exceptions():
         logits = await service.backend.classify_pairs(inputs, starts)
