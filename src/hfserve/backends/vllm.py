@@ -178,6 +178,9 @@ class VLLMBackend(Backend):
         #: the all-zero adapter the base model's rows run with once an adapter is loaded (see load_adapter)
         self.base_lora: Any = None
         self._zero_dir: str | None = None
+        #: whether base rows need that adapter: vLLM's LoRA kernels other than the GPU (Triton) ones
+        #: index the adapters' weights with a base row's -1 (see _load_base_lora); set at load
+        self.zero_base_lora = True
 
     # ------------------------------------------------------------------ load
     def _engine_args(self) -> Any:
@@ -198,10 +201,11 @@ class VLLMBackend(Backend):
         kwargs.update(self.engine_config.engine_args)  # vLLM's own arguments, unchanged
         lora = model.lora
         if lora.enabled:
-            # one slot more than asked for: the all-zero adapter of the base model's rows (see load_adapter)
-            kwargs.update(enable_lora=True, max_loras=lora.max_loras + 1, max_lora_rank=lora.max_lora_rank)
+            # where base rows need the all-zero adapter (see _load_base_lora), one slot more for it
+            extra = 1 if self.zero_base_lora else 0
+            kwargs.update(enable_lora=True, max_loras=lora.max_loras + extra, max_lora_rank=lora.max_lora_rank)
             if lora.max_cpu_loras is not None:
-                kwargs["max_cpu_loras"] = lora.max_cpu_loras + 1
+                kwargs["max_cpu_loras"] = lora.max_cpu_loras + extra
         # CUDA graphs / torch.compile do not apply on CPU, and compiling costs minutes
         kwargs["enforce_eager"] = bool(kwargs.get("enforce_eager") or cpu)
         if self.task is Task.text_embedding:
@@ -248,6 +252,10 @@ class VLLMBackend(Backend):
             revision=model.tokenizer_revision or model.revision,
             trust_remote_code=model.trust_remote_code,
         )
+        if model.lora.enabled:
+            from vllm.platforms import current_platform
+
+            self.zero_base_lora = not str(current_platform.get_punica_wrapper()).endswith("PunicaWrapperGPU")
         engine_args = self._engine_args()
         logger.info("starting the vLLM engine for %s (%s)", model.source, task.value)
         self.engine = AsyncLLM.from_engine_args(engine_args)
@@ -403,7 +411,7 @@ class VLLMBackend(Backend):
         if added is False:
             raise errors.InvalidRequest(f"LoRA adapter {name!r} ({path}) cannot be loaded into this model", param="lora_path")
         self.lora_requests[name] = request
-        if self.base_lora is None:
+        if self.base_lora is None and self.zero_base_lora:
             await self._load_base_lora(request)
 
     async def _load_base_lora(self, like: Any) -> None:
@@ -411,7 +419,8 @@ class VLLMBackend(Backend):
         the stacked LoRA weights with -1, i.e. with the *last* slot: once every slot holds an adapter,
         base rows get that adapter's output. So once an adapter is loaded, base rows run with an
         adapter whose weights are all zero (the first adapter's files, zeroed), in a slot of their
-        own (``max_loras`` + 1): every row has a real slot and the base rows' delta is exactly zero."""
+        own (``max_loras`` + 1): every row has a real slot and the base rows' delta is exactly zero.
+        vLLM's GPU kernels (Triton) skip index -1, so on GPUs base rows run without an adapter."""
         from vllm.lora.request import LoRARequest
 
         self._zero_dir = await asyncio.to_thread(_zero_adapter, like.lora_path)
