@@ -75,7 +75,8 @@ class LoraWeights:
         self._hooks = [layer.register_forward_pre_hook(self._inject, with_kwargs=True) for layer in layers]
 
     def _inject(self, module: Any, args: Any, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-        kwargs["adapter_names"] = self._rows
+        if self._rows:
+            kwargs["adapter_names"] = self._rows
         return args, kwargs
 
     def run(self, adapters: Sequence[str | None], encoder: bool, inputs: dict[str, Any]) -> Any:
