@@ -18,8 +18,9 @@ generation scheduler (:mod:`.scheduler`) with the same meaning:
 - the histograms ``vllm:time_to_first_token_seconds``, ``vllm:inter_token_latency_seconds``,
   ``vllm:e2e_request_latency_seconds``, ``vllm:request_queue_time_seconds`` and the counters
   ``vllm:prompt_tokens_total``, ``vllm:generation_tokens_total``, ``vllm:request_success_total``
-  (``finished_reason``: stop, length, abort, error) — per request, as on vLLM; a request with
-  ``n`` sequences finishes once per sequence.
+  (``finished_reason``: stop, length, error; ``abort`` stays 0: as vLLM 0.32, a request
+  aborted by its client or its deadline is not counted) — a request with ``n`` sequences
+  finishes once per sequence.
 
 Times run from the request's arrival at the scheduler. The gauges are computed at each scrape
 from a snapshot of the scheduler's state, so nothing stays "running" after the rows are freed.
@@ -136,10 +137,12 @@ class EngineStats:
             self.itl.observe(max(0.0, now - last))
 
     def finished(self, arrived: float, reasons: list[str], rows: int, error: bool, now: float) -> None:
-        """One request ended: a success per sequence (those without a reason: aborted, or failed)."""
-        self.e2e.observe(max(0.0, now - arrived))
+        """One request ended: a success per finished sequence, its e2e latency. As on vLLM 0.32, a
+        request aborted (client gone, timeout) adds neither; one that failed counts ``error``."""
         for reason in reasons:
             self.success[reason if reason in self.success else "stop"].inc()
         missing = rows - len(reasons)
-        if missing > 0:
-            self.success["error" if error else "abort"].inc(missing)
+        if missing > 0 and error:
+            self.success["error"].inc(missing)
+        if error or missing <= 0:
+            self.e2e.observe(max(0.0, now - arrived))

@@ -181,6 +181,8 @@ class VLLMBackend(Backend):
         #: whether base rows need that adapter: vLLM's LoRA kernels other than the GPU (Triton) ones
         #: index the adapters' weights with a base row's -1 (see _load_base_lora); set at load
         self.zero_base_lora = True
+        #: the registry of vLLM's Prometheus stat logger, served on /metrics (set once the engine starts)
+        self.metrics_registry: Any = None
 
     # ------------------------------------------------------------------ load
     def _engine_args(self) -> Any:
@@ -196,7 +198,10 @@ class VLLMBackend(Backend):
             "max_model_len": model.max_model_len,
             "trust_remote_code": model.trust_remote_code,
             "max_logprobs": 20,
+            # statistics go to vLLM's Prometheus stat logger only (see _load), not to its periodic log line
             "disable_log_stats": True,
+            # the engine's metrics are labelled model_name with the served name
+            "served_model_name": [model.name],
         }
         kwargs.update(self.engine_config.engine_args)  # vLLM's own arguments, unchanged
         lora = model.lora
@@ -258,7 +263,13 @@ class VLLMBackend(Backend):
             self.zero_base_lora = not str(current_platform.get_punica_wrapper()).endswith("PunicaWrapperGPU")
         engine_args = self._engine_args()
         logger.info("starting the vLLM engine for %s (%s)", model.source, task.value)
-        self.engine = AsyncLLM.from_engine_args(engine_args)
+        from prometheus_client import REGISTRY
+        from vllm.v1.metrics.loggers import PrometheusStatLogger
+
+        # vLLM's own statistics (vllm:num_requests_running, ...) in prometheus_client's default registry,
+        # which hfserve's /metrics serves: disable_log_stats with a custom logger keeps only this one
+        self.engine = AsyncLLM.from_engine_args(engine_args, stat_loggers=[PrometheusStatLogger])
+        self.metrics_registry = REGISTRY
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -335,6 +346,9 @@ class VLLMBackend(Backend):
             logger.error("the vLLM engine has died; the model is no longer served")
             return False
         return True
+
+    def engine_dead(self) -> bool:
+        return not self.healthy()
 
     # ------------------------------------------------------------ boundary
     def translate(self, exc: Exception, request_id: str | None) -> errors.HFServeError:
