@@ -466,7 +466,13 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
-def test_dead_engine_is_not_ready(server_factory):
+def test_dead_engine_is_not_ready_then_exits(server_factory):
+    """Issue 15 part 5: the engine core process is killed. Readiness turns 503 at once, model routes
+    answer 503 model_not_ready in their family's shape, liveness fails (/, /v2/health/live, gRPC
+    ServerLive), an in-flight stream is finished in the stream, and the process exits non-zero
+    within a bound (server.ENGINE_DEATH_DRAIN_SECONDS), so Kubernetes restarts it."""
+    import tritonclient.grpc as tgrpc
+
     # its own server: the session's vLLM servers are shared with other modules
     llama_vllm = server_factory("llama", "--backend", "vllm", "--max_model_len", "256", name="doomed")
     engines = [
@@ -475,21 +481,33 @@ def test_dead_engine_is_not_ready(server_factory):
         if "EngineCore" in pathlib.Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")
     ]
     assert len(engines) == 1, "cannot find the server's vLLM engine process"
-    os.kill(engines[0], signal.SIGKILL)
+    body = {"model": llama_vllm.name, "prompt": "Once upon a time", "max_tokens": 240, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{llama_vllm.openai_url}/completions", json=body, timeout=60) as stream:
+        events = stream.iter_lines()
+        assert next(line for line in events if line.startswith("data: {"))
+        killed = time.monotonic()
+        os.kill(engines[0], signal.SIGKILL)
+        rest = [line for line in events if line.startswith("data: ")]  # the stream ends properly
+    assert rest[-1] == "data: [DONE]"
 
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if httpx.get(f"{llama_vllm.url}/v2/health/ready", timeout=10).status_code == 503:
             break
-        time.sleep(0.2)
+        time.sleep(0.05)
     assert httpx.get(f"{llama_vllm.url}/v2/health/ready", timeout=10).status_code == 503
-    assert httpx.get(f"{llama_vllm.url}/v2/health/live", timeout=10).status_code == 200
-
     r = httpx.post(
         f"{llama_vllm.openai_url}/completions", json={"model": llama_vllm.name, "prompt": "hi", "max_tokens": 3}, timeout=30
     )
     assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
     assert r.json()["error"]["code"] == "model_not_ready"
     r = httpx.post(f"{llama_vllm.url}/v2/models/{llama_vllm.name}/generate", json={"text_input": "hi"}, timeout=30)
-    assert r.status_code == 503 and isinstance(r.json()["error"], str)
-    assert llama_vllm.proc.poll() is None  # the server stays up to report it
+    assert r.status_code == 503 and isinstance(r.json()["error"], str) and r.headers["x-error-code"] == "model_not_ready"
+    for path in ("/v2/health/live", "/"):
+        r = httpx.get(f"{llama_vllm.url}{path}", timeout=10)
+        assert r.status_code == 503 and isinstance(r.json()["error"], str), path
+    with tgrpc.InferenceServerClient(llama_vllm.grpc_host) as client:
+        assert client.is_server_live() is False
+    code = llama_vllm.proc.wait(timeout=60)
+    assert code != 0 and time.monotonic() - killed < 45
+    assert "has died: liveness fails; exiting with code 1" in llama_vllm.log()

@@ -21,9 +21,14 @@ import uvicorn
 from .app import create_app
 from .backends import BackendUnavailable, create_backend
 from .config import Config
-from .service import ModelService
+from .service import ModelService, State
 
 logger = logging.getLogger("hfserve")
+
+#: after the engine dies, how long in-flight responses may take to be written before the process exits
+ENGINE_DEATH_DRAIN_SECONDS = 10.0
+#: ... and how long the server at least stays up to answer probes, scrapes and requests with the failure
+ENGINE_DEATH_LINGER_SECONDS = 3.0
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -154,6 +159,33 @@ class Server:
         self.http.force_exit = not idle
         self.http.should_exit = True
 
+    async def _watch_engine(self, interval: float = 0.5) -> None:
+        """A dead engine (the vLLM engine core process gone): readiness and liveness already fail;
+        once in-flight responses are written (at most ENGINE_DEATH_DRAIN_SECONDS) the process exits
+        with code 1, as vLLM's own server does, so the orchestrator restarts it. It stays up at least
+        ENGINE_DEATH_LINGER_SECONDS, answering probes and requests with the failure."""
+        while True:
+            await asyncio.sleep(interval)
+            if self._draining is not None:
+                return
+            if self.service.state is State.ready and self.backend.engine_dead():
+                break
+        bound = min(self.config.server.shutdown_grace_seconds, ENGINE_DEATH_DRAIN_SECONDS)
+        logger.error(
+            "the %s engine of model %s has died: liveness fails; exiting with code 1 once in-flight responses are written (at most %gs)",
+            self.backend.name,
+            self.service.name,
+            bound,
+        )
+        self.exit_code = 1
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        idle = await self.app.state.admission.wait_idle(bound)
+        await asyncio.sleep(max(0.0, min(bound, ENGINE_DEATH_LINGER_SECONDS) - (loop.time() - started)))
+        self.http.config.timeout_graceful_shutdown = 1
+        self.http.force_exit = not idle
+        self.http.should_exit = True
+
     async def serve(self) -> int:
         server, limits = self.config.server, self.config.limits
         if server.enable_grpc:
@@ -176,11 +208,13 @@ class Server:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.shutdown, sig)
         loader = asyncio.create_task(self._load())
+        watcher = asyncio.create_task(self._watch_engine())
         try:
             await self.http.serve()
         finally:
             loader.cancel()
-            await asyncio.gather(loader, return_exceptions=True)
+            watcher.cancel()
+            await asyncio.gather(loader, watcher, return_exceptions=True)
             if self._draining is not None and not self._draining.done():
                 self._draining.cancel()
             if self.grpc is not None:

@@ -269,6 +269,15 @@ class ModelService:
     def ready(self) -> bool:
         return self.state is State.ready and self.backend.healthy()
 
+    @property
+    def live(self) -> bool:
+        """False once the backend's engine has died for good (the server then exits)."""
+        return not self.backend.engine_dead()
+
+    def check_live(self) -> None:
+        if not self.live:
+            raise errors.ModelNotReady(f"Model {self.name} is not available: its engine has died and the server is exiting", retry_after=10)
+
     def check_ready(self) -> None:
         if self.ready:
             return

@@ -223,7 +223,7 @@ class InferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
     # -------------------------------------------------------------- health
     async def ServerLive(self, request: pb2.ServerLiveRequest, context: grpc.aio.ServicerContext) -> pb2.ServerLiveResponse:
         async def work() -> pb2.ServerLiveResponse:
-            return pb2.ServerLiveResponse(live=True)
+            return pb2.ServerLiveResponse(live=self.service.live)
 
         return await self._call(context, request_id(context), work)
 

@@ -257,7 +257,8 @@ def infer_response(
 # ------------------------------------------------------------------ routes
 @root_router.get("/")
 @ContractRoute.declare("other", public=True)
-async def root_live() -> dict[str, str]:
+async def root_live(request: Request) -> dict[str, str]:
+    _service(request).check_live()  # a dead engine: 503, so the orchestrator restarts the server
     return {"status": "alive"}
 
 
@@ -276,7 +277,8 @@ async def server_metadata() -> dict[str, Any]:
 
 @router.get("/health/live")
 @ContractRoute.declare("v2", public=True)
-async def live() -> dict[str, bool]:
+async def live(request: Request) -> dict[str, bool]:
+    _service(request).check_live()
     return {"live": True}
 
 

@@ -78,6 +78,10 @@ class Backend(abc.ABC):
         """False once the runtime has died; the server then reports not ready."""
         return True
 
+    def engine_dead(self) -> bool:
+        """True once the runtime has died for good (not a stall): liveness then fails and the server exits."""
+        return False
+
     @contextlib.contextmanager
     def map_exceptions(self, request_id: str | None = None) -> Iterator[None]:
         """Run a call into the backend; its library's exceptions come out as contract errors.
