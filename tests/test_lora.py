@@ -396,3 +396,30 @@ def test_max_loras_bounds_the_adapters_of_a_batch(lora_backend, reference):
     assert answers == [reference[(name or BASE, prompt)] for name, prompt in jobs]
     assert seen and max(len(s) for s in seen) == 1
     assert {"a", "b"} <= set().union(*seen)
+
+
+def test_lora_weights_per_row_unload_and_reload(models):
+    """The per-row forward pass itself: a base row equals the plain model's, an adapter row differs;
+    after the last adapter is unloaded the model is the plain one again, and an unloaded adapter's
+    row is model_not_found, never the base model's answer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from hfserve import errors
+    from hfserve.backends.lora import LoraWeights
+
+    model = AutoModelForCausalLM.from_pretrained(str(models["llama"])).eval()
+    ids = torch.tensor([[1, 5, 9, 20], [1, 7, 8, 9]])
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+        weights = LoraWeights(model)
+        weights.load("a", str(models["llama_lora_a"]))
+        mixed = weights.run([None, "a"], False, {"input_ids": ids}).logits
+        assert torch.allclose(mixed[0], plain[0], atol=1e-5) and not torch.allclose(mixed[1], plain[1], atol=1e-3)
+        weights.unload("a")
+        assert torch.allclose(weights.run([None, None], False, {"input_ids": ids}).logits, plain, atol=1e-5)
+        with pytest.raises(errors.ModelNotFound):
+            weights.run([None, "a"], False, {"input_ids": ids})
+        weights.load("b", str(models["llama_lora_b"]))
+        again = weights.run(["b", None], False, {"input_ids": ids}).logits
+        assert torch.allclose(again[1], plain[1], atol=1e-5) and not torch.allclose(again[0], plain[0], atol=1e-3)
