@@ -310,3 +310,15 @@ async def test_forced_call_errors(fake, stream):
     resp = await server.post(CHAT_PATH, chat("x", tools=[TIME, bad], tool_choice=named, stream=stream))
     message = assert_error(resp, "invalid_request", param="tools.1.function.parameters")
     assert "Traceback" not in message
+
+
+async def test_forced_schema_keeps_the_tools_property_order(fake):
+    """Arguments come out in the order the tool declares its parameters (not sorted)."""
+    server = await forced_server(fake)
+    tool = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"zeta": {"type": "string"}, "alpha": {"type": "integer"}}, "required": ["zeta", "alpha"],
+    }}}  # fmt: skip
+    body = chat('{"zeta": "z", "alpha": 1}', tools=[tool], tool_choice={"type": "function", "function": {"name": "f"}})
+    assert (await server.post(CHAT_PATH, body)).status_code == 200
+    constraint = server.backend.params[0].structured
+    assert list(json.loads(constraint.source)["properties"]) == ["zeta", "alpha"]

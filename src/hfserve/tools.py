@@ -19,12 +19,11 @@ Nothing here knows HTTP or a backend.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from . import errors
+from . import errors, structured
 from .generation import StructuredOutput
 
 #: OpenAI's rule for function names
@@ -56,8 +55,8 @@ class ToolPlan:
         """The structured output that holds decoding to :attr:`schema` (None: unconstrained)."""
         if self.schema is None:
             return None
-        source = json.dumps(self.schema, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-        return StructuredOutput("json", source, disable_any_whitespace, param=self.schema_param)
+        # the schema's own property order is kept: the arguments come out in the order the tool declares
+        return structured.json_schema(self.schema, param=self.schema_param, disable_any_whitespace=disable_any_whitespace)
 
     def parameters(self, name: str) -> dict[str, Any] | None:
         for tool in self.tools:
