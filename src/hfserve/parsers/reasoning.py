@@ -19,10 +19,10 @@ Semantics of ``deepseek_r1`` and ``qwen3`` (vLLM 0.32's, with the rendered promp
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from types import MappingProxyType
+from collections.abc import Mapping
 from typing import ClassVar
 
+from hfserve.parsers._registry import Registry
 from hfserve.parsers._text import WhitespaceHolder, find_first, partial_overlap
 
 __all__ = [
@@ -147,28 +147,14 @@ class Qwen3ReasoningParser(ReasoningParser):
     IMPLICIT_ENDS = ("<tool_call>",)
 
 
-_REGISTRY: dict[str, type[ReasoningParser]] = {
-    "deepseek_r1": DeepSeekR1ReasoningParser,
-    "qwen3": Qwen3ReasoningParser,
-}
+_REGISTRY = Registry[ReasoningParser](
+    "reasoning parser",
+    {
+        "deepseek_r1": DeepSeekR1ReasoningParser,
+        "qwen3": Qwen3ReasoningParser,
+    },
+)
 
-REASONING_PARSERS: Mapping[str, type[ReasoningParser]] = MappingProxyType(_REGISTRY)
-
-
-def register_reasoning_parser(name: str) -> Callable[[type[ReasoningParser]], type[ReasoningParser]]:
-    """Class decorator: make a parser available under ``name`` (``--reasoning-parser NAME``)."""
-
-    def register(cls: type[ReasoningParser]) -> type[ReasoningParser]:
-        _REGISTRY[name] = cls
-        return cls
-
-    return register
-
-
-def reasoning_parser(name: str) -> type[ReasoningParser]:
-    """The parser class registered as ``name``; ValueError naming the known ones otherwise."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        known = ", ".join(sorted(_REGISTRY))
-        raise ValueError(f"unknown reasoning parser {name!r}; known: {known}") from None
+REASONING_PARSERS: Mapping[str, type[ReasoningParser]] = _REGISTRY.view
+register_reasoning_parser = _REGISTRY.register
+reasoning_parser = _REGISTRY.get

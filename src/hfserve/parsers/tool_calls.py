@@ -26,11 +26,11 @@ import json
 import random
 import re
 import string
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any, ClassVar
 
+from hfserve.parsers._registry import Registry
 from hfserve.parsers._text import JsonEnd, PythonListEnd, WhitespaceHolder, find_first, partial_overlap
 
 __all__ = [
@@ -699,35 +699,21 @@ class PythonicToolParser(ToolCallParser):
         return False
 
 
-_REGISTRY: dict[str, type[ToolCallParser]] = {
-    "hermes": Hermes2ProToolParser,
-    "qwen3_json": Hermes2ProToolParser,
-    "qwen3_xml": Qwen3XmlToolParser,
-    "qwen3_coder": Qwen3XmlToolParser,
-    "llama3_json": Llama3JsonToolParser,
-    "llama4_json": Llama3JsonToolParser,
-    "mistral": MistralToolParser,
-    "pythonic": PythonicToolParser,
-    "llama4_pythonic": PythonicToolParser,
-}
+_REGISTRY = Registry[ToolCallParser](
+    "tool-call parser",
+    {
+        "hermes": Hermes2ProToolParser,
+        "qwen3_json": Hermes2ProToolParser,
+        "qwen3_xml": Qwen3XmlToolParser,
+        "qwen3_coder": Qwen3XmlToolParser,
+        "llama3_json": Llama3JsonToolParser,
+        "llama4_json": Llama3JsonToolParser,
+        "mistral": MistralToolParser,
+        "pythonic": PythonicToolParser,
+        "llama4_pythonic": PythonicToolParser,
+    },
+)
 
-TOOL_CALL_PARSERS: Mapping[str, type[ToolCallParser]] = MappingProxyType(_REGISTRY)
-
-
-def register_tool_call_parser(name: str) -> Callable[[type[ToolCallParser]], type[ToolCallParser]]:
-    """Class decorator: make a parser available under ``name`` (``--tool-call-parser NAME``)."""
-
-    def register(cls: type[ToolCallParser]) -> type[ToolCallParser]:
-        _REGISTRY[name] = cls
-        return cls
-
-    return register
-
-
-def tool_call_parser(name: str) -> type[ToolCallParser]:
-    """The parser class registered as ``name``; ValueError naming the known ones otherwise."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        known = ", ".join(sorted(_REGISTRY))
-        raise ValueError(f"unknown tool-call parser {name!r}; known: {known}") from None
+TOOL_CALL_PARSERS: Mapping[str, type[ToolCallParser]] = _REGISTRY.view
+register_tool_call_parser = _REGISTRY.register
+tool_call_parser = _REGISTRY.get
