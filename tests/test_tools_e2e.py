@@ -99,10 +99,24 @@ def test_tool_choice_none_returns_the_markup(agent_any):
 
 
 # ----------------------------------------------------------------------------------- LangChain
+def langchain_llm(server: Any) -> Any:
+    """LangChain's ChatOpenAI on the server, greedy, thinking off (as the tool conversations were trained)."""
+    from langchain_openai import ChatOpenAI
+
+    return ChatOpenAI(
+        base_url=f"{server.url}/openai/v1",
+        api_key="unused",  # type: ignore[arg-type]
+        model=server.name,
+        temperature=0,
+        max_tokens=96,
+        max_retries=0,
+        extra_body={"chat_template_kwargs": {"enable_thinking": False}},
+    )
+
+
 def test_langchain_bind_tools(agent_any):
     from langchain_core.messages import HumanMessage, ToolMessage
     from langchain_core.tools import tool
-    from langchain_openai import ChatOpenAI
 
     @tool
     def get_weather(city: str) -> str:
@@ -110,15 +124,7 @@ def test_langchain_bind_tools(agent_any):
         return json.dumps({"temperature": 21})
 
     conv = by_name("tool_call")
-    llm = ChatOpenAI(
-        base_url=f"{agent_any.url}/openai/v1",
-        api_key="unused",  # type: ignore[arg-type]
-        model=agent_any.name,
-        temperature=0,
-        max_tokens=64,
-        max_retries=0,
-        extra_body={"chat_template_kwargs": {"enable_thinking": False}},
-    )
+    llm = langchain_llm(agent_any)
     # the fixture's tool as the model was trained on it (LangChain's own schema would change the prompt)
     bound = llm.bind_tools(TOOLS)
     question = HumanMessage(conv.messages[0]["content"])
@@ -234,7 +240,6 @@ def test_openai_parse_with_a_pydantic_function_tool(agent_any):
 
 
 def test_langchain_with_structured_output(agent_any):
-    from langchain_openai import ChatOpenAI
     from pydantic import BaseModel, Field
 
     class Weather(BaseModel):
@@ -242,15 +247,7 @@ def test_langchain_with_structured_output(agent_any):
 
         city: str = Field(description="The city, e.g. Paris.")
 
-    llm = ChatOpenAI(
-        base_url=f"{agent_any.url}/openai/v1",
-        api_key="unused",  # type: ignore[arg-type]
-        model=agent_any.name,
-        temperature=0,
-        max_tokens=96,
-        max_retries=0,
-        extra_body={"chat_template_kwargs": {"enable_thinking": False}},
-    )
+    llm = langchain_llm(agent_any)
     for method in ("function_calling", "json_schema"):  # a forced tool call; response_format json_schema
         out = llm.with_structured_output(Weather, method=method).invoke("What is the weather in Paris?")
         assert isinstance(out, Weather), method
