@@ -134,6 +134,7 @@ def test_adapter_selected_by_the_path_on_kserve(server, reference):
         gen = httpx.post(f"{server.url}/v2/models/{name}/generate", json={"text_input": prompt, "parameters": params}, timeout=120)
         assert gen.status_code == 200, gen.text
         assert gen.json()["text_output"] == reference[(name, prompt)]
+        assert gen.json()["model_name"] == name
         with httpx.stream(
             "POST", f"{server.url}/v2/models/{name}/generate_stream", json={"text_input": prompt, "parameters": params}, timeout=120
         ) as stream:
@@ -145,11 +146,13 @@ def test_adapter_selected_by_the_path_on_kserve(server, reference):
         v2 = httpx.post(f"{server.url}/v2/models/{name}/infer", json=infer, timeout=120)
         assert v2.status_code == 200, v2.text
         assert v2.json()["outputs"][0]["data"] == [reference[(name, prompt)]]
+        assert v2.json()["model_name"] == name
         client = tgrpc.InferenceServerClient(server.grpc_host)
         inp = tgrpc.InferInput("input-0", [1], "BYTES")
         inp.set_data_from_numpy(np.array([prompt.encode()], dtype=np.object_))
         result = client.infer(name, [inp], parameters=params)
         assert [x.decode() for x in result.as_numpy("output-0")] == [reference[(name, prompt)]]
+        assert result.get_response().model_name == name
 
 
 def test_concurrent_mixed_traffic(server, reference):

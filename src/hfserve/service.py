@@ -297,6 +297,10 @@ class ModelService:
         _SELECTED_ADAPTER.set(name if name in self.adapters else None)
 
     # ------------------------------------------------------------ LoRA adapters
+    def reported_name(self, name: str | None) -> str:
+        """The name a response reports for a request to model ``name``: an adapter's own, else the model's."""
+        return name if name is not None and name in self.adapters else self.name
+
     def model_name(self, params: SamplingParams | Sequence[SamplingParams]) -> str:
         """The name a generation's response reports: its adapter's (as vLLM does), else the model's."""
         first = params if isinstance(params, SamplingParams) else (params[0] if params else None)

@@ -290,7 +290,7 @@ class InferenceServicer(pb2_grpc.GRPCInferenceServiceServicer):
                 result = await (deadline.run(prediction) if deadline is not None else prediction)
             out, raw_out = output_tensor(result.tensor, is_raw)
             response = pb2.ModelInferResponse(
-                model_name=service.name, model_version="1", id=request.id or rid, outputs=[out]
+                model_name=service.reported_name(request.model_name), model_version="1", id=request.id or rid, outputs=[out]
             )
             if raw_out is not None:
                 response.raw_output_contents.append(raw_out)

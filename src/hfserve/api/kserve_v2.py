@@ -234,11 +234,11 @@ def wants_binary(req: InferenceRequest) -> bool:
 
 
 def infer_response(
-    service: ModelService, req_id: str, tensor: Tensor, binary: bool, extra: Sequence[Tensor] = ()
+    service: ModelService, req_id: str, tensor: Tensor, binary: bool, extra: Sequence[Tensor] = (), model_name: str | None = None
 ) -> Response:
     tensors = [tensor, *extra]
     outs: list[dict[str, Any]] = [{"name": t.name, "datatype": t.datatype, "shape": t.shape} for t in tensors]
-    body = {"id": req_id, "model_name": service.name, "model_version": "1", "outputs": outs}
+    body = {"id": req_id, "model_name": model_name or service.name, "model_version": "1", "outputs": outs}
     if not binary:
         for out, t in zip(outs, tensors, strict=True):
             out["data"] = t.data
@@ -333,7 +333,9 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
     result: Prediction = await until_disconnect(
         request, predict(service, texts, params or None, request_id(request), param="inputs.0.data")
     )
-    return infer_response(service, req.id or request_id(request), result.tensor, binary, result.extra)
+    return infer_response(
+        service, req.id or request_id(request), result.tensor, binary, result.extra, service.reported_name(name)
+    )
 
 
 def _generate_options(body: GenerateRequest) -> SamplingOptions:
@@ -374,7 +376,7 @@ async def generate(request: Request, name: str, version: str | None = None) -> R
     choice = gen.choices[0]
     return JSONResponse(
         {
-            "model_name": service.name,
+            "model_name": service.model_name(params),
             "model_version": "1",
             "text_output": choice.text,
             "finish_reason": choice.finish_reason,
@@ -393,7 +395,7 @@ async def generate_stream(request: Request, name: str, version: str | None = Non
     async def events() -> AsyncIterator[str]:
         async for deltas in stream:
             for d in deltas:
-                event: dict[str, Any] = {"model_name": service.name, "model_version": "1", "text_output": d.text}
+                event: dict[str, Any] = {"model_name": service.model_name(params), "model_version": "1", "text_output": d.text}
                 if d.finish_reason:
                     event["finish_reason"] = d.finish_reason
                 yield sse(json.dumps(event))
