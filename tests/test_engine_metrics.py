@@ -241,3 +241,41 @@ def test_stall_flag(models, capsys):
     with pytest.raises(SystemExit) as exc:
         resolve(build_parser().parse_args(["--model_dir", model, "--stall_timeout_seconds", "-1"]))
     assert exc.value.code == 2 and "--stall_timeout_seconds must be zero or positive" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ vLLM: a flood and a timeout on the session's engine
+def test_vllm_flood_running_and_waiting_follow_max_num_seqs(llama_vllm):
+    """Twice --max-num-seqs long requests: vLLM's own gauges show max_num_seqs running and the rest
+    waiting, never more running; afterwards nothing runs or waits."""
+    from tests.conftest import VLLM_MAX_NUM_SEQS as LIMIT
+
+    wait_for(lambda: idle(llama_vllm))
+    seen: list[tuple[float, float, float]] = []
+    body = {"max_tokens": 200, "ignore_eos": True, "temperature": 0}
+    with concurrent.futures.ThreadPoolExecutor(2 * LIMIT) as pool:
+        futures = [pool.submit(complete, llama_vllm, f"Once upon a time {i}", **body) for i in range(2 * LIMIT)]
+        while not all(f.done() for f in futures):
+            seen.append(gauges(llama_vllm))
+            time.sleep(0.02)
+        answers = [f.result() for f in futures]
+    assert all(a["usage"]["completion_tokens"] == 200 for a in answers)
+    assert max(running for running, _, _ in seen) == LIMIT
+    assert any(running == LIMIT and waiting >= 1 for running, waiting, _ in seen), seen
+    assert max(waiting for _, waiting, _ in seen) <= LIMIT
+    assert max(usage for _, _, usage in seen) > 0
+    wait_for(lambda: idle(llama_vllm), timeout=15)
+
+
+def test_vllm_timeout_leaves_nothing_running(llama_vllm):
+    wait_for(lambda: idle(llama_vllm))
+    body = {"model": llama_vllm.name, "prompt": "Once upon a time", "max_tokens": 240, "ignore_eos": True}
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        futures = [
+            pool.submit(
+                httpx.post, f"{llama_vllm.openai_url}/completions", json=body, headers={"x-request-timeout": "0.3"}, timeout=60
+            )
+            for _ in range(4)
+        ]
+        answers = [f.result() for f in futures]
+    assert {r.status_code for r in answers} == {504}, [r.text for r in answers]
+    wait_for(lambda: idle(llama_vllm), timeout=15)
