@@ -426,3 +426,15 @@ def test_lora_weights_per_row_unload_and_reload(models):
         weights.load("b", str(models["llama_lora_b"]))
         again = weights.run(["b", None], False, {"input_ids": ids}).logits
         assert torch.allclose(again[1], plain[1], atol=1e-5) and not torch.allclose(again[0], plain[0], atol=1e-3)
+
+
+def test_startup_error_is_one_line_and_exit_2(models, tmp_path):
+    """The real process: a bad adapter stops the start with one line on stderr and exit code 2."""
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "hfserve", "--model_dir", str(models["llama"]), "--enable-lora", "--lora-modules", f"x={tmp_path / 'gone'}"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("hfserve: error: LoRA adapter 'x'") and "does not exist" in lines[0], lines
