@@ -17,7 +17,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ROOT, needs_vllm
+from tests.conftest import ROOT, VLLM_INSTALLED, needs_vllm
 from tests.servers import start_server, stop_server
 
 ENGINE_METRICS = (
@@ -110,7 +110,8 @@ def test_metrics_served_with_vllm_names_and_no_created_series(llama_any):
 
 
 def complete(server, prompt: str, **body) -> dict:
-    r = httpx.post(f"{server.openai_url}/completions", json={"model": server.name, "prompt": prompt, **body}, timeout=120)
+    body.setdefault("model", server.name)
+    r = httpx.post(f"{server.openai_url}/completions", json={"prompt": prompt, **body}, timeout=120)
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -175,6 +176,9 @@ def gated(models, log_dir, gate):
         "2",
         "--stall_timeout_seconds",
         "1.5",
+        "--enable-lora",
+        "--lora-modules",
+        f"a={models['llama_lora_a']}",
         entry=[sys.executable, str(ROOT / "tests" / "stall_server.py")],
         env={"HFSERVE_TEST_GATE": str(gate)},
     )
@@ -214,6 +218,28 @@ def test_flood_and_stall(gated, gate):
     assert gauges(gated)[2] == 0
 
 
+def lora_info(server) -> list[dict[str, str]]:
+    return [s.labels for s in scrape(server)["vllm:lora_requests_info"]]
+
+
+def test_lora_requests_info(gated, gate):
+    """The adapters of the running and the waiting requests, and --max-loras (1 by default)."""
+    wait_for(lambda: idle(gated))
+    assert lora_info(gated) == [{"max_lora": "1", "waiting_lora_adapters": "", "running_lora_adapters": ""}]
+    gate.touch()
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(complete, gated, "Hello", model="a", max_tokens=3)]
+        wait_for(lambda: gauges(gated)[:2] == (1, 0))  # the adapter's request is being prefilled
+        futures.append(pool.submit(complete, gated, "Hello", max_tokens=3))
+        futures.append(pool.submit(complete, gated, "Hello", model="a", max_tokens=3))
+        wait_for(lambda: gauges(gated)[:2] == (1, 2))
+        assert lora_info(gated) == [{"max_lora": "1", "waiting_lora_adapters": "a", "running_lora_adapters": "a"}]
+        gate.unlink()
+        assert [f.result(timeout=60)["model"] for f in futures] == ["a", "gated", "a"]
+    wait_for(lambda: idle(gated))
+    assert lora_info(gated) == [{"max_lora": "1", "waiting_lora_adapters": "", "running_lora_adapters": ""}]
+
+
 def test_timeout_leaves_nothing_running(gated, gate):
     wait_for(lambda: idle(gated))
     gate.touch()
@@ -244,6 +270,8 @@ def test_stall_flag(models, capsys):
 
 
 # ------------------------------------------------------------------ vLLM: a flood and a timeout on the session's engine
+@pytest.mark.vllm
+@pytest.mark.skipif(not VLLM_INSTALLED, reason="vLLM is not installed")
 def test_vllm_flood_running_and_waiting_follow_max_num_seqs(llama_vllm):
     """Twice --max-num-seqs long requests: vLLM's own gauges show max_num_seqs running and the rest
     waiting, never more running; afterwards nothing runs or waits."""
@@ -266,6 +294,8 @@ def test_vllm_flood_running_and_waiting_follow_max_num_seqs(llama_vllm):
     wait_for(lambda: idle(llama_vllm), timeout=15)
 
 
+@pytest.mark.vllm
+@pytest.mark.skipif(not VLLM_INSTALLED, reason="vLLM is not installed")
 def test_vllm_timeout_leaves_nothing_running(llama_vllm):
     wait_for(lambda: idle(llama_vllm))
     body = {"model": llama_vllm.name, "prompt": "Once upon a time", "max_tokens": 240, "ignore_eos": True}
