@@ -52,6 +52,9 @@ FACTS = {
     ("POST", "/openai/v1/embeddings"): RouteFacts("openai", model_work=True),
     ("POST", "/openai/v1/rerank"): RouteFacts("openai", model_work=True),
     ("POST", "/openai/v1/score"): RouteFacts("openai", model_work=True),
+    # vLLM's dynamic LoRA routes (answering not_found unless VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)
+    ("POST", "/openai/v1/load_lora_adapter"): RouteFacts("openai"),
+    ("POST", "/openai/v1/unload_lora_adapter"): RouteFacts("openai"),
     ("GET", "/openai/v1/models"): RouteFacts("openai"),
     ("GET", "/openai/v1/models/m"): RouteFacts("openai"),
 }
