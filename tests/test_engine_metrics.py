@@ -309,3 +309,27 @@ def test_vllm_timeout_leaves_nothing_running(llama_vllm):
         answers = [f.result() for f in futures]
     assert {r.status_code for r in answers} == {504}, [r.text for r in answers]
     wait_for(lambda: idle(llama_vllm), timeout=15)
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(not VLLM_INSTALLED, reason="vLLM is not installed")
+def test_vllm_lora_requests_info(models, log_dir):
+    """vLLM's own vllm:lora_requests_info, without hfserve's all-zero base adapter (its name, its slot)."""
+    handle = start_server(
+        models["llama"], "lorav", log_dir, "--backend", "vllm", "--max_model_len", "256",
+        "--enable-lora", "--max-loras", "1", "--max-lora-rank", "16", "--lora-modules", f"a={models['llama_lora_a']}",
+    )  # fmt: skip
+    try:
+        seen: list[dict[str, str]] = []
+        body = {"max_tokens": 200, "ignore_eos": True}
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            futures = [pool.submit(complete, handle, "Hello", model="a", **body), pool.submit(complete, handle, "Hello", **body)]
+            while not all(f.done() for f in futures):
+                seen.extend(s.labels for s in scrape(handle).get("vllm:lora_requests_info", []))
+                time.sleep(0.02)
+            assert [f.result()["model"] for f in futures] == ["a", "lorav"]
+        assert any(labels["running_lora_adapters"] == "a" for labels in seen), seen
+        assert all(labels["max_lora"] == "1" and "__hfserve_base__" not in str(labels) for labels in seen), seen
+        assert value(scrape(handle), "vllm:num_requests_running", model_name="lorav") == 0
+    finally:
+        assert stop_server(handle) == 0

@@ -45,6 +45,8 @@ _POOLING_TASKS = {Task.text_embedding: "embed", Task.sequence_classification: "c
 
 #: sentence-transformers pooling modes (as the HF backend reads them) -> vLLM's sequence pooling types
 _POOLING: dict[str, Literal["MEAN", "CLS", "LAST"]] = {"mean": "MEAN", "cls": "CLS", "lasttoken": "LAST"}
+#: the all-zero adapter of the base model's rows (see VLLMBackend._load_base_lora)
+BASE_LORA_NAME = "__hfserve_base__"
 
 #: vLLM's message for a prompt that does not fit: "The decoder prompt (length 300) is longer than ... of 256."
 _PROMPT_TOO_LONG = re.compile(r"prompt \(length (\d+)\).*maximum model length of (\d+)", re.S)
@@ -264,11 +266,11 @@ class VLLMBackend(Backend):
         engine_args = self._engine_args()
         logger.info("starting the vLLM engine for %s (%s)", model.source, task.value)
         from prometheus_client import REGISTRY
-        from vllm.v1.metrics.loggers import PrometheusStatLogger
 
         # vLLM's own statistics (vllm:num_requests_running, ...) in prometheus_client's default registry,
         # which hfserve's /metrics serves: disable_log_stats with a custom logger keeps only this one
-        self.engine = AsyncLLM.from_engine_args(engine_args, stat_loggers=[PrometheusStatLogger])
+        stat_logger = _stat_logger(model.lora.max_loras if model.lora.enabled else None)
+        self.engine = AsyncLLM.from_engine_args(engine_args, stat_loggers=[stat_logger])
         self.metrics_registry = REGISTRY
 
     async def start(self) -> None:
@@ -438,7 +440,7 @@ class VLLMBackend(Backend):
         from vllm.lora.request import LoRARequest
 
         self._zero_dir = await asyncio.to_thread(_zero_adapter, like.lora_path)
-        request = LoRARequest(lora_name="__hfserve_base__", lora_int_id=next(self._lora_ids), lora_path=self._zero_dir)
+        request = LoRARequest(lora_name=BASE_LORA_NAME, lora_int_id=next(self._lora_ids), lora_path=self._zero_dir)
         await self.engine.add_lora(request)
         self.base_lora = request
 
@@ -712,6 +714,26 @@ def _about_grammar(exc: BaseException) -> bool:
     except ImportError:  # pragma: no cover
         return False
     return isinstance(exc, VLLMValidationError | ValueError) and bool(_GRAMMAR_WORDS.search(str(exc)))
+
+
+def _stat_logger(max_loras: int | None) -> type:
+    """vLLM's ``PrometheusStatLogger``; with LoRA, ``vllm:lora_requests_info`` hides hfserve's all-zero
+    base adapter (its name among the running and waiting adapters, its slot in ``max_lora``)."""
+    from vllm.v1.metrics.loggers import PrometheusStatLogger
+
+    class StatLogger(PrometheusStatLogger):
+        def __init__(self, vllm_config: Any, engine_indexes: list[int] | None = None):
+            super().__init__(vllm_config, engine_indexes)
+            if max_loras is not None:
+                self.max_lora = max_loras
+
+        def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None, engine_idx: int = 0) -> None:
+            if scheduler_stats is not None:
+                scheduler_stats.running_lora_adapters.pop(BASE_LORA_NAME, None)
+                scheduler_stats.waiting_lora_adapters.pop(BASE_LORA_NAME, None)
+            super().record(scheduler_stats, iteration_stats, mm_cache_stats, engine_idx)
+
+    return StatLogger
 
 
 def _zero_adapter(path: str) -> str:
