@@ -10,6 +10,7 @@ says; after a timeout or a dropped stream nothing stays running.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import sys
 import time
 
@@ -238,6 +239,47 @@ def test_lora_requests_info(gated, gate):
         assert [f.result(timeout=60)["model"] for f in futures] == ["a", "gated", "a"]
     wait_for(lambda: idle(gated))
     assert lora_info(gated) == [{"max_lora": "1", "waiting_lora_adapters": "", "running_lora_adapters": ""}]
+
+
+def test_kv_cache_usage_while_decoding(gated, gate, models):
+    """kv_cache_usage_perc = positions held / (max_num_seqs * max_model_len): a request hung in its
+    decode step after k tokens holds its prompt and k - 1 generated tokens in the cache."""
+    wait_for(lambda: idle(gated))
+    max_model_len = json.loads((models["llama"] / "config.json").read_text())["max_position_embeddings"]
+    body = {
+        "model": "gated", "prompt": "Once upon a time", "max_tokens": 100, "ignore_eos": True, "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+    }  # fmt: skip
+    usages: list[dict] = []
+
+    def read() -> None:
+        with httpx.stream("POST", f"{gated.openai_url}/completions", json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {") and json.loads(line[6:]).get("usage"):
+                    usages.append(json.loads(line[6:])["usage"])
+                    if len(usages) == 3:
+                        gate.touch()  # the next forward pass hangs: no more events until it is removed
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        reader = pool.submit(read)
+        try:
+            wait_for(lambda: gate.exists())
+            count = -1
+            while count != len(usages):  # until the events stop
+                count = len(usages)
+                time.sleep(1)
+            usage = usages[-1]
+            assert 3 <= usage["completion_tokens"] < 100
+            running, waiting, kv = gauges(gated)
+            assert (running, waiting) == (1, 0)
+            held = usage["prompt_tokens"] + usage["completion_tokens"] - 1
+            assert kv == pytest.approx(held / (2 * max_model_len))
+        finally:
+            gate.unlink(missing_ok=True)
+        reader.result(timeout=60)
+    assert usages[-1]["completion_tokens"] == 100
+    wait_for(lambda: idle(gated), timeout=15)
+    assert gauges(gated)[2] == 0
 
 
 def test_timeout_leaves_nothing_running(gated, gate):
