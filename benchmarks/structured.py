@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import statistics
 import sys
@@ -28,18 +27,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from tests.fixtures.build_models import build_all  # noqa: E402
-from tests.servers import start_server, stop_server  # noqa: E402
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-PROMPTS = ["The cat sat on", "Once upon a time", "hello there, how are", "In the beginning the",
-           "A quick brown fox", "The weather today is", "My favourite food", "Tell me about"]  # fmt: skip
+from benchmarks.fixture_servers import PROMPTS, ROOT, build_all, cpu_seconds, start_server, stop_server
 
 
 def schema(tag: str = "") -> dict:
@@ -54,11 +44,6 @@ def schema(tag: str = "") -> dict:
 def constraint(tag: str = "") -> dict:
     return {"structured_outputs": {"json": schema(tag), "disable_any_whitespace": True}}
 
-
-def cpu_seconds(pid: int) -> float:
-    """The server process's CPU time so far (user + system, all its threads), from /proc."""
-    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def throughput(client: httpx.Client, concurrency: int, tokens: int, extra: dict, pid: int) -> tuple[float, float]:
