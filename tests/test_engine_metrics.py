@@ -164,6 +164,14 @@ def gate(tmp_path_factory):
     return tmp_path_factory.mktemp("gate") / "hang"
 
 
+@pytest.fixture(autouse=True)
+def _gate_opens_after_each_test(request):
+    """A failing test must not leave the forward passes hanging for the next ones."""
+    yield
+    if "gate" in request.fixturenames:
+        request.getfixturevalue("gate").unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="module")
 def gated(models, log_dir, gate):
     """hfserve (transformers) whose forward passes hang while ``gate`` exists (tests/stall_server.py)."""
@@ -175,8 +183,16 @@ def gated(models, log_dir, gate):
         "huggingface",
         "--max-num-seqs",
         "2",
+        # a batch window that waits for every request a test sends at once, so they are all in the
+        # scheduler before the first forward pass hangs (tokenizing a late one would wait behind it)
+        "--max_batch_wait_ms",
+        "3000",
+        "--batch_idle_ms",
+        "1000",
         "--stall_timeout_seconds",
-        "1.5",
+        # longer than any test here holds the gate before all its requests are in (else the stall
+        # refuses the late ones), short enough for test_flood_and_stall to wait for
+        "6",
         "--enable-lora",
         "--lora-modules",
         f"a={models['llama_lora_a']}",
@@ -200,7 +216,7 @@ def test_flood_and_stall(gated, gate):
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         futures = [pool.submit(complete, gated, f"Hello world {i}", max_tokens=5, temperature=0) for i in range(6)]
         wait_for(lambda: gauges(gated)[:2] == (2, 4), timeout=30)
-        wait_for(lambda: ready(gated) == 503, timeout=10)
+        wait_for(lambda: ready(gated) == 503, timeout=20)
         assert "no progress" in gated.log() and "--stall_timeout_seconds" in gated.log()
         # a new model request is refused while stalled; liveness stays
         r = httpx.post(f"{gated.openai_url}/completions", json={"model": "gated", "prompt": "hi", "max_tokens": 2}, timeout=30)
