@@ -172,3 +172,24 @@ class PythonListEnd:
             i += 1
         self._pos = i
         return None
+
+
+class BufferedSteps:
+    """A streaming parser's intake: generated text is appended to ``_buf`` and ``_step`` decides
+    what it can; subclasses define ``_step(final)`` (True to be called again)."""
+
+    _buf: str
+    _finished: bool
+
+    def _step(self, final: bool) -> bool:
+        raise NotImplementedError
+
+    def _push(self, text: str) -> None:
+        if self._finished:
+            raise RuntimeError("feed() after finish()")
+        buf, self._buf = self._buf, ""
+        buf += text  # in place when the buffer has no other reference: no quadratic copying
+        self._buf = buf
+        del buf
+        while self._step(final=False):
+            pass

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from typing import ClassVar
 
 from hfserve.parsers._registry import Registry
-from hfserve.parsers._text import WhitespaceHolder, find_first, partial_overlap
+from hfserve.parsers._text import BufferedSteps, WhitespaceHolder, find_first, partial_overlap
 
 __all__ = [
     "REASONING_PARSERS",
@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 
-class ReasoningParser:
+class ReasoningParser(BufferedSteps):
     """``<think>...</think>`` reasoning. One instance per answer (``feed`` ... ``finish``); ``split`` any time."""
 
     name: ClassVar[str] = ""
@@ -68,14 +68,7 @@ class ReasoningParser:
 
     def feed(self, text: str) -> tuple[str, str]:
         """The next piece of generated text (any split) -> (reasoning delta, content delta)."""
-        if self._finished:
-            raise RuntimeError("feed() after finish()")
-        buf, self._buf = self._buf, ""
-        buf += text  # in place when the buffer has no other reference: no quadratic copying
-        self._buf = buf
-        del buf
-        while self._step(final=False):
-            pass
+        self._push(text)
         return self._take()
 
     def finish(self) -> tuple[str, str]:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from hfserve.parsers._registry import Registry
-from hfserve.parsers._text import JsonEnd, PythonListEnd, WhitespaceHolder, find_first, partial_overlap
+from hfserve.parsers._text import BufferedSteps, JsonEnd, PythonListEnd, WhitespaceHolder, find_first, partial_overlap
 
 __all__ = [
     "TOOL_CALL_PARSERS",
@@ -156,7 +156,7 @@ def _decode_prefix(text: str) -> tuple[Any, int] | None:
         return None
 
 
-class ToolCallParser:
+class ToolCallParser(BufferedSteps):
     """Base class: the streaming machinery. Subclasses implement :meth:`_step`.
 
     One instance parses one answer (``feed`` ... ``finish``); :meth:`parse` uses a fresh instance and
@@ -198,14 +198,7 @@ class ToolCallParser:
 
     def feed(self, text: str) -> StreamDelta:
         """The next piece of generated text (any split); returns what is decided so far."""
-        if self._finished:
-            raise RuntimeError("feed() after finish()")
-        buf, self._buf = self._buf, ""
-        buf += text  # in place when the buffer has no other reference: no quadratic copying
-        self._buf = buf
-        del buf
-        while self._step(final=False):
-            pass
+        self._push(text)
         return self._take()
 
     def finish(self) -> StreamDelta:
