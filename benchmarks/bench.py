@@ -33,11 +33,11 @@ import statistics
 import sys
 import tempfile
 import time
-from typing import Any
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.load import Connection, closed_loop, pct  # noqa: E402  (the load generator, shared with peers.py)
 from tests.servers import ServerHandle, start_server, stop_server, wait_until_ready  # noqa: E402
 
 QUIET = ("--disable_log_requests",)
@@ -75,97 +75,6 @@ NOTES_MARKER = "<!-- notes -->"
 
 
 # ------------------------------------------------------------------ helpers
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    k = (len(values) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (k - lo)
-
-
-class Connection:
-    """One keep-alive HTTP/1.1 connection: the load generator's client.
-
-    The load generator shares the machine's cores with the server, so every millisecond of
-    CPU it spends on a request is taken from the server and measured as server slowness.
-    httpx spends about 1.8 ms of CPU per request (on the 2-core machine of docs/benchmarks.md);
-    this client, like wrk or oha, sends pre-encoded requests over one persistent connection and
-    reads the status line, the headers and a Content-Length or chunked body: about 0.2 ms.
-    Responses are still checked: the status must be the expected one and the body is decoded.
-    """
-
-    def __init__(self, url: str):
-        host, _, port = url.removeprefix("http://").rstrip("/").partition(":")
-        self.host, self.port = host, int(port or 80)
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-
-    async def request(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
-        if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        assert self.reader is not None
-        head = f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
-        if body:
-            head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-        self.writer.write(head.encode() + b"\r\n" + body)
-        status = int((await self.reader.readuntil(b"\r\n")).split(b" ", 2)[1])
-        length, chunked, close = 0, False, False
-        for line in (await self.reader.readuntil(b"\r\n\r\n")).split(b"\r\n"):
-            name, _, value = line.partition(b":")
-            name, value = name.strip().lower(), value.strip().lower()
-            if name == b"content-length":
-                length = int(value)
-            elif name == b"transfer-encoding":
-                chunked = b"chunked" in value
-            elif name == b"connection":
-                close = value == b"close"
-        if chunked:
-            parts = []
-            while size := int((await self.reader.readuntil(b"\r\n")).strip(), 16):
-                parts.append((await self.reader.readexactly(size + 2))[:-2])
-            await self.reader.readuntil(b"\r\n")
-            payload = b"".join(parts)
-        else:
-            payload = await self.reader.readexactly(length)
-        if close:
-            await self.close()
-        return status, payload
-
-    async def post_json(self, path: str, body: bytes, expect: int = 200) -> Any:
-        status, payload = await self.request("POST", path, body)
-        if status != expect:
-            raise RuntimeError(f"POST {path}: expected {expect}, got {status}: {payload[:300]!r}")
-        return json.loads(payload)
-
-    async def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.reader = self.writer = None
-
-
-async def closed_loop(url: str, concurrency: int, total: int, call) -> tuple[float, list[float], list]:
-    """``concurrency`` workers, one connection each, run ``call(conn, i)`` until ``total`` calls
-    are done; (wall, latencies, results)."""
-    latencies: list[float] = []
-    results: list = []
-    counter = iter(range(total))
-
-    async def worker() -> None:
-        conn = Connection(url)
-        try:
-            for i in counter:
-                t0 = time.perf_counter()
-                results.append(await call(conn, i))
-                latencies.append(time.perf_counter() - t0)
-        finally:
-            await conn.close()
-
-    t0 = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return time.perf_counter() - t0, latencies, results
-
-
 def bench_levels(url: str, path: str, bodies: list[bytes], count, levels, per_level, unit: str, warmup: int) -> list[dict]:
     """Closed-loop runs at each concurrency level; ``count(response)`` is the work a response did.
 
@@ -360,7 +269,7 @@ def render(results: dict, png_name: str) -> tuple[str, str]:
             f"Each server level is timed {RUNS} times and the in-process ceilings twice (before and after the servers); on both sides",
             "the best run counts (noise on a shared machine only ever slows a run down; every run is in results.json).",
             "Servers run with default flags (`--max_batch_size 32 --max_batch_wait_ms 20 --batch_idle_ms 5`) and `--disable_log_requests`; the load generator",
-            "(`Connection` in bench.py: asyncio, keep-alive HTTP/1.1, closed loop, one connection per concurrent request) runs on",
+            "(`Connection` in benchmarks/load.py: asyncio, keep-alive HTTP/1.1, closed loop, one connection per concurrent request) runs on",
             "the same machine and shares its cores.",
             "",
             f"![throughput]({png_name})",
@@ -476,7 +385,11 @@ def main() -> int:
             results["environment"]["vllm"] = vllm.__version__
             print("vLLM backend: generation (engine start takes about a minute) ...", flush=True)
             try:
-                s = start_server(llama, "llama", log_dir, *QUIET, "--backend", "vllm", wait_ready=False)
+                # float32 and eager, as this benchmark has always measured it: the same arithmetic as the
+                # transformers backend's float32 default (hfserve on vLLM's own defaults, bfloat16 and
+                # compiled graphs on such a CPU, is a comparison with vLLM's server, not this table's)
+                vllm_flags = ("--dtype", "float32", "--enforce-eager")
+                s = start_server(llama, "llama", log_dir, *QUIET, "--backend", "vllm", *vllm_flags, wait_ready=False)
                 servers.append(s)
                 wait_until_ready(s, timeout=400)
                 results["generation"]["vllm"] = bench_generation(s.url, "llama", GEN_LEVELS, gen_requests)
