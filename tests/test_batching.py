@@ -435,6 +435,29 @@ def test_a_lone_request_waits_the_idle_time_not_the_window():
     assert sizes == [1]
 
 
+def test_after_a_batch_of_one_a_lone_request_starts_at_once():
+    """Concurrency 1: the client's next call finds the batcher idle after a batch of one and does
+    not wait the idle time; once a batch had company, a lone request waits for company again."""
+    batcher, sizes = windowed(max_wait_ms=10_000, idle_ms=1500)
+
+    async def timed(*values):
+        started = time.monotonic()
+        await asyncio.gather(*(batcher.submit("embed", [[v]]) for v in values))
+        return time.monotonic() - started
+
+    async def scenario():
+        first = await timed(1)  # nothing before it: waits for company
+        second = await timed(2)  # after a batch of one: at once
+        pair = await timed(3, 4)  # a batch of two (both arrive within the idle time)
+        after_pair = await timed(5)  # company expected again: waits
+        return first, second, pair, after_pair
+
+    first, second, _, after_pair = run(scenario())
+    assert sizes == [1, 1, 2, 1]
+    assert first >= 1.4 and after_pair >= 1.4, "a lone request after a batch with company waits the idle time"
+    assert second < 1.0, "a lone request after a batch of one waited the idle time"
+
+
 def test_requests_that_keep_coming_keep_the_batch_open():
     """Twelve arrivals 50 ms apart span 550 ms, longer than the 400 ms idle time, yet each
     comes within it of the one before: one batch."""
@@ -485,6 +508,22 @@ def test_a_lone_generation_request_waits_the_idle_time_not_the_window(models):
         ids, _ = run(collect(b, [5, 6, 7], greedy(2)))
         assert len(ids[0]) == 2
         assert time.monotonic() - started < 5, "waited for the 10 s window instead of closing after 30 ms idle"
+    finally:
+        run(b.stop())
+
+
+def test_a_lone_generation_request_after_a_lone_one_starts_at_once(models):
+    b = HuggingFaceBackend(ModelConfig.local(models["llama"]), BatchingConfig(max_batch_wait_ms=10_000, batch_idle_ms=1500))
+    run(b.start())
+    try:
+        times = []
+        for _ in range(2):
+            started = time.monotonic()
+            ids, _ = run(collect(b, [5, 6, 7], greedy(2)))
+            times.append(time.monotonic() - started)
+            assert len(ids[0]) == 2
+        assert times[0] >= 1.4, "the first request did not wait for company"
+        assert times[1] < 1.0, "a lone request after a lone one waited the idle time"
     finally:
         run(b.stop())
 

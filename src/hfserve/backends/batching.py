@@ -4,7 +4,8 @@ Concurrent requests of the same kind are merged into one forward pass of up to
 ``max_batch_size`` inputs. A batch forms once it could start (its first request is
 there and no batch is running) and closes when it is full, when the window's
 ``max_wait`` has passed, or when no new request has joined it for the window's
-``idle`` time (:class:`BatchWindow`). Requests that queued behind a running batch
+``idle`` time (:class:`BatchWindow`); a request that finds the batcher idle after a
+batch of one starts at once (a lone client waits for nobody). Requests that queued behind a running batch
 still wait for newcomers: the requests just answered often come back at once (a
 client's next call), and a batch that leaves without them splits the load into two
 half-size batches for good (measured with 32 concurrent clients: batches of 12 and
@@ -60,6 +61,14 @@ class BatchWindow:
     def from_ms(cls, max_wait_ms: float, idle_ms: float) -> BatchWindow:
         return cls(max(0.0, max_wait_ms) / 1000.0, max(0.0, idle_ms) / 1000.0)
 
+    @staticmethod
+    def expects_company(last_batch: int) -> bool:
+        """Whether a request that finds the batcher idle should wait for others: only when the
+        previous batch had more than one request. A lone client's next call then starts at once
+        (no idle wait at concurrency 1), while clients that were answered together and call again
+        one by one still meet in one batch."""
+        return last_batch != 1
+
     def remaining(self, opened: float, latest: float) -> float:
         """Seconds left to wait for a batch that opened at ``opened`` and whose latest
         request arrived at ``latest`` (``time.monotonic()``); zero or less: close it now."""
@@ -92,6 +101,7 @@ class MicroBatcher:
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self._free_since = 0.0  # when the last batch ended
+        self._last_batch = 0  # requests in the last batch (0: none yet)
 
     def _ensure_worker(self) -> None:
         loop = asyncio.get_running_loop()
@@ -127,7 +137,9 @@ class MicroBatcher:
             # the window opens when the batch could start: requests that queued behind a
             # running batch still give newcomers a chance to join them
             opened = max(first.arrived, self._free_since)
-            while True:
+            # a request that found the batcher idle after a batch of one starts at once
+            alone = first.arrived >= self._free_since and not self.window.expects_company(self._last_batch)
+            while not alone:
                 size, latest = self._joining(first.key)
                 if size >= self.max_batch_size:
                     break
@@ -154,6 +166,7 @@ class MicroBatcher:
                 continue
             self.stats.batches += 1
             self.stats.largest = max(self.stats.largest, size)
+            self._last_batch = len(batch)
             try:
                 outcomes = await asyncio.get_running_loop().run_in_executor(self.executor, self._run_batch, batch)
             except BaseException as exc:  # noqa: BLE001 - e.g. the executor shut down

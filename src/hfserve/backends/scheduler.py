@@ -19,7 +19,8 @@ How a request flows
    waits on the job's queue.
 2. The decode thread (:meth:`_schedule`) takes the waiting requests
    (:meth:`_take_incoming`): when nothing runs it first waits for the batch window
-   (:class:`~.batching.BatchWindow`) so a burst is admitted together, and it never
+   (:class:`~.batching.BatchWindow`) so a burst is admitted together (unless the last
+   requests it admitted when idle came alone: concurrency 1 waits for nobody), and it never
    runs more than ``max_batch_size`` rows.
 3. Admission (:meth:`_admit`) gives each request its sampling state (generator,
    token counts) and its rows, each with a :class:`~.textstream.TextStream`.
@@ -278,6 +279,7 @@ class GenerationScheduler:
         self.token_text = token_text
         self.max_batch_size = max_batch_size
         self.window = window
+        self._last_group = 0  # requests admitted together when the scheduler was last idle (0: never)
         self.stats = stats
         self.encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
         self._cv = threading.Condition()
@@ -457,7 +459,8 @@ class GenerationScheduler:
                 self._incoming.clear()
                 self._cohorts = []
                 return None
-            if not self._cohorts and self._incoming:  # idle: the batch window
+            idle = not self._cohorts
+            if idle and self._incoming and self.window.expects_company(self._last_group):  # the batch window
                 first = self._incoming[0].arrived
                 while sum(j.rows for j in self._incoming) < self.max_batch_size and not self._stopping:
                     remaining = self.window.remaining(first, self._incoming[-1].arrived)
@@ -485,6 +488,8 @@ class GenerationScheduler:
                 taken.append(job)
                 active += job.rows
             self._incoming.extendleft(reversed(held))
+            if idle and taken:
+                self._last_group = len(taken)
             return taken
 
     def _run_model(self, adapters: Sequence[str | None], *, encoder: bool = False, **inputs: Any) -> Any:
