@@ -410,7 +410,8 @@ def measure_server(run: Running, model: Model, levels: tuple[int, ...], quick: b
 
     asyncio.run(once(4, 8))  # warm-up
     for c in levels:
-        asyncio.run(once(c, 2 * c))  # two untimed rounds at this concurrency (batch shapes warm up)
+        if not quick:
+            asyncio.run(once(c, 2 * c))  # two untimed rounds at this concurrency (batch shapes warm up)
         runs = []
         for _ in range(1 if quick else 1 + MORE_RUNS):
             with LoadWatch(pids) as watch:
