@@ -6,6 +6,7 @@ Shared by the test harness (tests/conftest.py) and the benchmarks; imports no py
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import pathlib
 import signal
@@ -18,6 +19,50 @@ from dataclasses import dataclass, field
 import httpx
 
 STARTUP_TIMEOUT = float(os.environ.get("HFSERVE_STARTUP_TIMEOUT", "300"))
+
+#: what every test server that may run on vLLM relies on: float32 weights (the tests compare with
+#: float32 references; vLLM's own ``auto`` is bfloat16 on CPUs with native bf16) and eager mode (vLLM
+#: compiles its graphs by default, minutes per engine start on a small CPU)
+VLLM_PINS = {"--dtype": ("--dtype", "float32"), "--enforce-eager": ("--enforce-eager",)}
+#: the flags that already decide each pin, in either spelling
+_PINNED_BY = {"--dtype": ("--dtype",), "--enforce-eager": ("--enforce-eager", "--no-enforce-eager")}
+
+
+def _flag(arg: str) -> str:
+    """``--enforce_eager`` / ``--dtype=x`` -> ``--enforce-eager`` / ``--dtype``."""
+    return "--" + arg[2:].partition("=")[0].replace("_", "-") if arg.startswith("--") else arg
+
+
+def _backend(args: list[str]) -> str:
+    backend = "auto"
+    for i, arg in enumerate(args):
+        if _flag(arg) == "--backend":
+            backend = arg.partition("=")[2] if "=" in arg else (args[i + 1] if i + 1 < len(args) else backend)
+    return backend
+
+
+def _auto_picks_vllm(model_dir: pathlib.Path | str) -> bool:
+    """Whether ``--backend auto`` may serve this model on vLLM (hfserve's own check, which imports
+    vLLM only for a model whose task vLLM serves). A model that is no local directory: no."""
+    if importlib.util.find_spec("vllm") is None or not (pathlib.Path(model_dir) / "config.json").is_file():
+        return False
+    try:
+        from hfserve.backends.vllm import supports
+        from hfserve.config import ModelConfig
+
+        return supports(ModelConfig.local(model_dir))[0]
+    except Exception:  # cannot tell: pin (harmless on the transformers backend)
+        return True
+
+
+def vllm_pins(model_dir: pathlib.Path | str, args: list[str]) -> list[str]:
+    """The pins (:data:`VLLM_PINS`) the argument list lacks, where its server may run on vLLM:
+    ``--backend vllm``, or ``auto`` (the default) for a model vLLM would serve."""
+    backend = _backend(args)
+    if backend != "vllm" and not (backend == "auto" and _auto_picks_vllm(model_dir)):
+        return []
+    given = {_flag(arg) for arg in args}
+    return [arg for pin, flags in VLLM_PINS.items() if given.isdisjoint(_PINNED_BY[pin]) for arg in flags]
 
 
 def free_port() -> int:
@@ -67,9 +112,15 @@ def start_server(
     wait_ready: bool = True,
     env: dict[str, str] | None = None,
     entry: list[str] | None = None,
+    pin_vllm: bool = True,
 ) -> ServerHandle:
-    """Start ``python -m hfserve`` (or ``entry``, which takes the same flags) on free ports."""
+    """Start ``python -m hfserve`` (or ``entry``, which takes the same flags) on free ports.
+
+    A server that may run on vLLM gets ``--dtype float32 --enforce-eager`` unless the flags already
+    choose them (:func:`vllm_pins`); ``pin_vllm=False`` runs it with vLLM's own defaults instead.
+    """
     http_port, grpc_port = free_port(), free_port()
+    pins = vllm_pins(model_dir, list(extra)) if pin_vllm else []
     args = [
         *(entry or [sys.executable, "-m", "hfserve"]),
         "--model_dir",
@@ -83,6 +134,7 @@ def start_server(
         "--host",
         "127.0.0.1",
         *extra,
+        *pins,
     ]
     log_path = log_dir / f"{name}-{http_port}.log"
     log = open(log_path, "wb")

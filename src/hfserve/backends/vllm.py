@@ -191,12 +191,11 @@ class VLLMBackend(Backend):
         from vllm.engine.arg_utils import AsyncEngineArgs
 
         model = self.model_config
-        cpu = _on_cpu()
         kwargs: dict[str, Any] = {
             "model": str(model.source),
             "revision": model.revision,
             "tokenizer_revision": model.tokenizer_revision or model.revision,
-            "dtype": self._dtype(cpu),
+            "dtype": self._dtype(),
             "max_model_len": model.max_model_len,
             "trust_remote_code": model.trust_remote_code,
             "max_logprobs": 20,
@@ -213,8 +212,6 @@ class VLLMBackend(Backend):
             kwargs.update(enable_lora=True, max_loras=lora.max_loras + extra, max_lora_rank=lora.max_lora_rank)
             if lora.max_cpu_loras is not None:
                 kwargs["max_cpu_loras"] = lora.max_cpu_loras + extra
-        # CUDA graphs / torch.compile do not apply on CPU, and compiling costs minutes
-        kwargs["enforce_eager"] = bool(kwargs.get("enforce_eager") or cpu)
         if self.task is Task.text_embedding:
             from vllm.config.pooler import PoolerConfig
 
@@ -233,14 +230,16 @@ class VLLMBackend(Backend):
             )
         return AsyncEngineArgs(**kwargs)
 
-    def _dtype(self, cpu: bool) -> str:
-        """The same rule as the HF backend (:func:`resolve_dtype`)."""
-        name = self.model_config.dtype
-        config_dtype = None
-        if not cpu and (name or "auto").lower() == "auto":  # only then does the config's dtype matter
-            config = _model_config(self.model_config) or {}
-            config_dtype = config.get("dtype") or config.get("torch_dtype")
-        return resolve_dtype(name, gpu=not cpu, config_dtype=config_dtype)
+    def _dtype(self) -> str:
+        """``--dtype`` as vLLM's engine gets it: ``auto`` stays vLLM's own choice (what ``vllm serve``
+        picks for the model and platform, e.g. bfloat16 on a CPU with native bf16), any other name
+        its canonical spelling (float32, float16, bfloat16); an unknown name is a ValueError
+        (:func:`resolve_dtype`'s check). The transformers backend resolves ``auto`` itself (float32 on CPU).
+        """
+        name = (self.model_config.dtype or "auto").lower()
+        if name == "auto":
+            return "auto"
+        return resolve_dtype(name, gpu=False)  # an explicit name resolves the same on any device
 
     def _load(self) -> None:
         import transformers
