@@ -59,6 +59,7 @@ def build_qwen_0_5b(dest: pathlib.Path) -> pathlib.Path:
 
     from tests.fixtures.build_models import build_one
 
+    dest.mkdir(parents=True, exist_ok=True)
     final = dest / "qwen_0_5b"
     if (final / "config.json").exists() and (final / ".built").exists():
         return final

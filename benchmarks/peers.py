@@ -64,30 +64,17 @@ import time
 import urllib.request
 from typing import Any
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from benchmarks.load import Connection, closed_loop, pct  # noqa: E402
-from tests.servers import free_port  # noqa: E402
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the repository on the import path and the offline settings, as the other fixture benchmarks have them
+from benchmarks.bench import SENTENCES  # bench.py's embeddings workload
+from benchmarks.fixture_servers import ROOT
+from benchmarks.load import Connection, closed_loop, pct
+from tests.servers import free_port
 
 CACHE = pathlib.Path(os.environ.get("HFSERVE_BENCH_CACHE", pathlib.Path.home() / ".cache" / "hfserve-bench"))
 GEN_TOKENS = 32
 PROMPT = "Once upon a time, in a small town by the sea,"
-SENTENCES = [
-    "This is an example sentence.",
-    "Each sentence is converted to a vector.",
-    "The weather is lovely today.",
-    "He drove to the stadium.",
-    "A man is playing a guitar.",
-    "The new movie is awesome.",
-    "I love pasta with tomato sauce.",
-    "Where is the nearest train station?",
-]
 GEN_LEVELS = (1, 8, 16)
 EMB_LEVELS = (1, 8, 32)
 MAX_MODEL_LEN = 256
