@@ -21,6 +21,7 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from hfserve.config import LimitsConfig
 from hfserve.tasks import Task
+from hfserve.validation import MAX_JSON_DEPTH
 from tests.contract import assert_error
 from tests.fakes import CHAT_TEMPLATE, EMBEDDING_DIM, FAIL_BEFORE, FAIL_MID, FAIL_MID_STEP, HANG, FakeServer
 
@@ -68,6 +69,22 @@ def one_request_per_family(text: str) -> list[tuple[str, dict[str, Any]]]:
 async def test_malformed_bodies(fake, path, raw):
     srv = await fake()
     assert_error(await srv.client.post(path, content=raw, headers=JSON), "invalid_request")
+
+
+def nested(depth: int) -> bytes:
+    """A JSON object whose ``x`` nests arrays so that the body is ``depth`` levels deep."""
+    return b'{"x": ' + b"[" * (depth - 1) + b"]" * (depth - 1) + b"}"
+
+
+@pytest.mark.parametrize("path", GENERATIVE_POSTS)
+async def test_deeply_nested_bodies(fake, path):
+    """Deeper than json.loads can recurse (a RecursionError, once a 500), or just past the limit."""
+    srv = await fake()
+    for raw in (b"[" * 100_000 + b"]" * 100_000, nested(MAX_JSON_DEPTH + 1)):
+        msg = assert_error(await srv.client.post(path, content=raw, headers=JSON), "invalid_request")
+        assert f"nests arrays and objects deeper than {MAX_JSON_DEPTH} levels" in msg
+    msg = assert_error(await srv.client.post(path, content=nested(MAX_JSON_DEPTH), headers=JSON), "invalid_request")
+    assert "deeper" not in msg  # at the limit: parsed, then refused by the schema
 
 
 @pytest.mark.parametrize(

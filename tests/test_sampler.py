@@ -78,6 +78,29 @@ def test_greedy_is_the_argmax_of_each_row():
     assert draw(logits, params(temperature=0.0)) == [1, 0, 2]
 
 
+@pytest.mark.parametrize("temperature", [1e-300, 1e-30, 1e-6, 0.009])
+def test_a_temperature_below_the_minimum_samples_at_the_minimum(temperature):
+    """As vLLM's SamplingParams (0 < temperature < 0.01 is raised to 0.01): dividing by 1e-300 would
+    give inf - inf = NaN probabilities; temperature 0 stays greedy."""
+    logits = torch.tensor([[1.0, 2.0, 0.5, 3.0, 2.5, -1.0]] * 3)
+    p, floor = params(temperature=temperature, top_p=0.9), params(temperature=sampler.MIN_TEMPERATURE, top_p=0.9)
+    assert not p.greedy and not sampler.is_plain_greedy(p, step=0)
+    assert [draw(logits, p, seed=seed) for seed in range(10)] == [draw(logits, floor, seed=seed) for seed in range(10)]
+    near_ties = torch.tensor([[1.0, 1.005, 0.995]] * 200)  # far apart enough at 0.01 to sample, not to argmax
+    drawn = set(draw(near_ties, p, seed=3))
+    assert 1 in drawn and len(drawn) > 1
+
+
+def test_a_top_p_that_rounds_to_zero_keeps_the_most_likely_token():
+    logits = torch.tensor([[1.0, 2.0, 0.5, 3.0, 2.5, -1.0], [0.0, 0.0, 0.0, 0.0, 0.0, 9.0]])
+    for p in (1e-300, 0.0):
+        masked = sampler.top_p_mask(logits, p)
+        assert (masked > INF).tolist() == [[False, False, False, True, False, False], [False] * 5 + [True]]
+        assert not masked.isnan().any()
+    tiny = params(temperature=1.0, top_p=1e-300)
+    assert {tuple(draw(logits, tiny, seed=seed)) for seed in range(20)} == {(3, 5)}
+
+
 def test_a_draw_is_the_multinomial_of_the_filtered_tempered_distribution():
     logits = torch.tensor([[1.0, 2.0, 0.5, 3.0, 2.5, -1.0]] * 3)
     p = params(temperature=0.7, top_k=4, top_p=0.9)

@@ -335,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--tokenizer_revision", help="Hub revision of the tokenizer")
     m.add_argument("--task", help="one of: " + ", ".join(t.value for t in Task) + " (inferred from the config if omitted)")
     m.add_argument("--backend", default="auto", choices=BACKENDS, help="model runtime")
-    m.add_argument("--dtype", default="auto", choices=DTYPES, help="weight dtype (auto: float32 on CPU, float16 on GPU)")
+    m.add_argument("--dtype", default="auto", choices=DTYPES, help="weight dtype; auto: on the transformers backend float32 on CPU and the config's half type (else float16) on GPU, on the vLLM backend vLLM's own choice, as vllm serve makes it (e.g. the config's dtype on GPU, bfloat16 on a CPU with native bf16)")
     m.add_argument("--max_model_len", "--max_length", dest="max_model_len", type=int, help="context length (default: from the model config)")
     m.add_argument("--trust_remote_code", action="store_true", help="allow custom model code from the Hub")
     m.add_argument("--return_probabilities", action="store_true", help="classification tasks return probabilities instead of class ids")

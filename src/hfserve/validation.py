@@ -71,14 +71,39 @@ def check_content_type(content_type: str | None) -> None:
     )
 
 
+#: the deepest nesting of arrays and objects a request body may have (serde_json's default limit);
+#: deeper bodies would exhaust Python's recursion limit in the parser or in what reads them after
+MAX_JSON_DEPTH = 128
+_TOO_DEEP = f"The request body nests arrays and objects deeper than {MAX_JSON_DEPTH} levels; send a flatter body"
+
+
+def _nests_deeper_than(data: Any, limit: int) -> bool:
+    """Whether ``data`` (parsed JSON) has arrays and objects nested more than ``limit`` deep;
+    without recursion."""
+    stack = [(data, 1)] if isinstance(data, (dict, list)) else []
+    while stack:
+        value, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = value.values() if isinstance(value, dict) else value
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
 def load_json(body: bytes) -> Any:
     if not body.strip():
         raise errors.InvalidRequest("The request body is empty; send a JSON object")
     try:
-        return json.loads(body)
+        data = json.loads(body)
+    except RecursionError:
+        raise errors.InvalidRequest(_TOO_DEEP) from None
     except (UnicodeDecodeError, ValueError) as exc:
         detail = f" ({exc.msg} at line {exc.lineno} column {exc.colno})" if isinstance(exc, json.JSONDecodeError) else ""
         raise errors.InvalidRequest(f"The request body is not valid JSON{detail}") from None
+    # only a body with that many brackets can nest that deep: most are not walked at all
+    if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH and _nests_deeper_than(data, MAX_JSON_DEPTH):
+        raise errors.InvalidRequest(_TOO_DEEP)
+    return data
 
 
 def parse_body(body: bytes, content_type: str | None, model: type[M], prefix: str = "") -> M:

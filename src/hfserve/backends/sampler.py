@@ -14,11 +14,11 @@ request it calls :func:`sample`, which is the one place where logits become toke
    vLLM and transformers), frequency and presence (over generated tokens);
 3. **min_tokens** (:func:`ban`): end-of-sequence and stop token ids are masked until
    the request has generated ``min_tokens`` tokens;
-4. **greedy** (temperature 0): the argmax; else temperature, min-p (:func:`min_p_mask`,
-   after temperature and before top-k / top-p, as vLLM's sampler), top-k
-   (:func:`top_k_mask`), top-p (:func:`top_p_mask`) and one multinomial draw per row
-   from the request's own ``torch.Generator`` (:func:`new_generator`), so a seeded
-   request gets the same tokens alone or batched with others.
+4. **greedy** (temperature 0): the argmax; else temperature (at least :data:`MIN_TEMPERATURE`,
+   as vLLM), min-p (:func:`min_p_mask`, after temperature and before top-k / top-p, as vLLM's
+   sampler), top-k (:func:`top_k_mask`), top-p (:func:`top_p_mask`, which always keeps the most
+   likely token) and one multinomial draw per row from the request's own ``torch.Generator``
+   (:func:`new_generator`), so a seeded request gets the same tokens alone or batched with others.
 
 Log-probabilities (:func:`logprob_entry`) are those of the model's raw logits, before
 any of the above, as vLLM reports them by default.
@@ -33,6 +33,11 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from ..generation import SamplingParams, TokenLogprob
+
+#: the least temperature a sampling (not greedy) request is sampled at: a smaller one is raised to
+#: this, as vLLM's SamplingParams does (its ``_MAX_TEMP``), since dividing the logits by, say, 1e-300
+#: gives inf and NaN probabilities
+MIN_TEMPERATURE = 1e-2
 
 #: per-request logits processing: (the row's generated token ids, its [vocab] logits) -> new logits
 LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
@@ -153,10 +158,12 @@ def min_p_mask(logits: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def top_p_mask(logits: torch.Tensor, p: float) -> torch.Tensor:
-    """Every row keeps the smallest set of its most likely tokens whose probability reaches ``p``."""
+    """Every row keeps the smallest set of its most likely tokens whose probability reaches ``p``, and
+    always its most likely one (as vLLM's: a ``p`` that rounds to 0 in float32 still keeps it)."""
     sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
     probs = torch.softmax(sorted_logits, dim=-1)
     drop_sorted = probs.cumsum(dim=-1) - probs >= p  # the mass before this token already reaches p
+    drop_sorted[..., 0] = False
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
@@ -186,7 +193,7 @@ def sample(
         logits = ban(logits, end_ids)
     if params.greedy:
         return torch.argmax(logits, dim=-1)
-    logits = logits / params.temperature
+    logits = logits / max(params.temperature, MIN_TEMPERATURE)
     if params.min_p > 0.0:
         logits = min_p_mask(logits, params.min_p)
     if params.top_k and params.top_k > 0:
