@@ -53,6 +53,7 @@ from ..tasks import (
     sentence_transformers_pooling,
     text_generation_auto_class,
 )
+from . import cpu_linear
 from .base import Backend, resolve_dtype
 from .batching import BatchWindow, MicroBatcher
 from .encoders import EncoderTasks
@@ -256,6 +257,8 @@ class HuggingFaceBackend(Backend):
                     f"--enable-lora: LoRA adapters are served for text generation only, and this is a {self.task.label} model"
                 )
             self.lora = LoraWeights(self.model)
+        if self.task.is_generative and self.device.type == "cpu" and self.lora is None:
+            cpu_linear.prepack(self.model)  # decode steps stream every weight: keep them in oneDNN's layout
         if self.task.is_generative:
             self.scheduler = GenerationScheduler(
                 self.model,

@@ -1,0 +1,168 @@
+"""Prepacked oneDNN linear weights on CPU (src/hfserve/backends/cpu_linear.py): the packed model
+computes what the plain one does, releases the plain weights it no longer reads, keeps tied
+ones, and the transformers backend's answers equal transformers' own ``generate``."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import shutil
+
+import pytest
+import torch
+
+from hfserve.backends import cpu_linear
+from hfserve.backends.huggingface import HuggingFaceBackend
+from hfserve.config import BatchingConfig, LoraConfig, ModelConfig
+from hfserve.generation import SamplingParams
+
+pytestmark = pytest.mark.skipif(not cpu_linear.available(), reason="this PyTorch has no oneDNN packed linear operators")
+
+PROMPTS = ["Hello world", "The quick brown fox jumps over", "a"]
+
+
+def _build(dest, tokenizer_dir, *, tied: bool):
+    """A Llama whose layers are large enough to be packed (hidden 512), random weights, the
+    fixture Llama's tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        head_dim=64,
+        max_position_embeddings=256,
+        tie_word_embeddings=tied,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # spread the logits apart: greedy answers do not hinge on rounding
+        model.lm_head.weight.mul_(8.0)
+    model.save_pretrained(dest)
+    for f in tokenizer_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, dest / f.name)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def medium(models, tmp_path_factory):
+    return _build(tmp_path_factory.mktemp("medium-llama"), models["llama"], tied=False)
+
+
+@pytest.fixture(scope="module")
+def medium_tied(models, tmp_path_factory):
+    return _build(tmp_path_factory.mktemp("medium-llama-tied"), models["llama"], tied=True)
+
+
+def _load(path, dtype):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+
+def _greedy_steps(model, tokenizer, steps=8):
+    """Left-padded batch prefill, then ``steps`` greedy decode steps: every step's logits."""
+    tokenizer.padding_side = "left"
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    mask = batch["attention_mask"]
+    logits = []
+    with torch.inference_mode():
+        out = model(**batch, use_cache=True, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+        for _ in range(steps):
+            last = out.logits[:, -1].float()
+            logits.append(last)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            out = model(
+                last.argmax(-1, keepdim=True),
+                attention_mask=mask,
+                position_ids=mask.sum(-1, keepdim=True) - 1,
+                past_key_values=out.past_key_values,
+                use_cache=True,
+            )
+    return torch.stack(logits)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
+def test_packed_model_computes_what_the_plain_one_does(medium, dtype, tol):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(medium)
+    plain, packed = _load(medium, dtype), _load(medium, dtype)
+    # per decoder layer q, k, v, o, gate, up, down, and the output layer
+    assert cpu_linear.prepack(packed) == 2 * 7 + 1
+    assert all(type(m) is cpu_linear.PackedLinear for m in packed.modules() if isinstance(m, torch.nn.Linear))
+    expected, got = _greedy_steps(plain, tokenizer), _greedy_steps(packed, tokenizer)
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+    assert torch.allclose(got, expected, atol=tol * expected.abs().max().item(), rtol=0)
+
+
+def test_plain_weights_are_released_and_tied_ones_kept(medium_tied):
+    model = _load(medium_tied, torch.float32)
+    shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    embedding = model.get_input_embeddings().weight
+    assert model.lm_head.weight is embedding
+    cpu_linear.prepack(model)
+    assert {name: tuple(p.shape) for name, p in model.named_parameters()} == shapes  # what others read stays
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert q_proj.weight.untyped_storage().nbytes() == q_proj.weight.element_size()  # released
+    assert type(model.lm_head) is cpu_linear.PackedLinear
+    assert model.lm_head.weight is embedding and embedding.untyped_storage().nbytes() == embedding.numel() * 4
+    with torch.inference_mode():  # the embedding still looks tokens up
+        assert torch.equal(model.get_input_embeddings()(torch.tensor([3])), embedding[3:4])
+
+
+def test_small_layers_are_left_alone(models):
+    model = _load(models["llama"], torch.float32)  # hidden 128: nothing to gain
+    assert cpu_linear.prepack(model) == 0
+    assert not any(isinstance(m, cpu_linear.PackedLinear) for m in model.modules())
+
+
+async def _complete(backend, prompt_ids, max_tokens):
+    ids: list[int] = []
+    async for deltas in backend.generate(prompt_ids, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True), "r"):
+        for delta in deltas:
+            ids += delta.token_ids
+    return ids
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_backend_packs_and_answers_as_generate(medium, dtype):
+    """Concurrent greedy requests on the packed transformers backend equal transformers' own
+    ``generate`` of each prompt alone on the unpacked model (the independent reference)."""
+    backend = HuggingFaceBackend(dataclasses.replace(ModelConfig.local(medium), dtype=dtype), BatchingConfig())
+
+    async def scenario():
+        await backend.start()
+        try:
+            prompts = [backend.tokenizer(p)["input_ids"] for p in PROMPTS]
+            return prompts, await asyncio.gather(*(_complete(backend, p, 12) for p in prompts))
+        finally:
+            await backend.stop()
+
+    prompts, answers = asyncio.run(scenario())
+    assert any(isinstance(m, cpu_linear.PackedLinear) for m in backend.model.modules())
+    reference = _load(medium, getattr(torch, dtype))
+    with torch.inference_mode():
+        for prompt, answer in zip(prompts, answers):
+            ids = torch.tensor([prompt])
+            out = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, min_new_tokens=12, do_sample=False)
+            assert answer == out[0, len(prompt) :].tolist()
+
+
+def test_not_packed_with_lora(medium):
+    """peft wraps the plain linear layers of a LoRA-enabled model: they stay as they are."""
+    config = dataclasses.replace(ModelConfig.local(medium), lora=LoraConfig(enabled=True))
+    backend = HuggingFaceBackend(config, BatchingConfig())
+    asyncio.run(backend.start())
+    try:
+        assert not any(isinstance(m, cpu_linear.PackedLinear) for m in backend.model.modules())
+    finally:
+        asyncio.run(backend.stop())
