@@ -53,7 +53,7 @@ from ..tasks import (
     sentence_transformers_pooling,
     text_generation_auto_class,
 )
-from . import cpu_linear
+from . import cpu_linear, cpu_threads
 from .base import Backend, resolve_dtype
 from .batching import BatchWindow, MicroBatcher
 from .encoders import EncoderTasks
@@ -212,6 +212,7 @@ class HuggingFaceBackend(Backend):
         if self.max_logprobs < 0:  # vLLM's -1: no limit below the vocabulary
             self.capabilities = dataclasses.replace(self.capabilities, max_logprobs=len(self.tokenizer))
         device = self.device_name or ("cuda" if torch.cuda.is_available() else "cpu")
+        cpu_threads.configure()  # before the model's first kernel starts PyTorch's thread pool
         dtype = self._resolve_dtype(device)
         cls_name = _MODEL_CLASSES[self.task]
         if self.task is Task.text_generation:  # decoder-only multimodal models (Qwen2-VL, ...) load text-only too

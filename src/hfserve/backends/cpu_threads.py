@@ -1,0 +1,67 @@
+"""How many threads PyTorch's CPU kernels use: no more than the CPUs this process may run on.
+
+PyTorch sizes its OpenMP team by the machine's cores. In a container with a CPU limit (a
+Kubernetes pod with ``resources.limits.cpu: 2`` on a 64-core node) that is far more threads
+than the process gets CPU time for, and a parallel region ends only when its slowest thread
+does: a thread the kernel has descheduled for the quota's period holds every step up. Measured
+on 2 cores with the load generator and the server's event loop beside the model: matrix
+products over 10 times slower with an OpenMP team larger than the CPU left to it.
+
+:func:`configure` caps PyTorch's thread count at the CPUs this process may use (its CPU
+affinity and, under cgroups, its CPU quota, rounded down), unless ``OMP_NUM_THREADS`` says
+otherwise (then PyTorch follows it, as always).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+
+logger = logging.getLogger("hfserve.backends.cpu_threads")
+
+CGROUP = Path("/sys/fs/cgroup")
+
+
+def _quota(cgroup: Path) -> float | None:
+    """CPUs allowed by the cgroup's quota (v2 ``cpu.max``, else v1 ``cpu.cfs_quota_us``); None: no limit."""
+    try:
+        quota, _, period = (cgroup / "cpu.max").read_text().partition(" ")
+        if quota.strip() != "max":
+            return int(quota) / int(period)
+        return None
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((cgroup / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+
+
+def usable_cpus(cgroup: Path = CGROUP) -> int:
+    """The CPUs this process can keep busy: its affinity, capped by its cgroup's quota (at least 1)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    quota = _quota(cgroup)
+    if quota is not None:
+        cpus = min(cpus, max(1, math.floor(quota)))
+    return max(1, cpus)
+
+
+def configure(cgroup: Path = CGROUP) -> int:
+    """Cap PyTorch's intra-op threads at :func:`usable_cpus` (``OMP_NUM_THREADS`` takes precedence);
+    returns the thread count in use."""
+    import torch
+
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    cpus = usable_cpus(cgroup)
+    if torch.get_num_threads() > cpus:
+        logger.info("PyTorch CPU threads: %d (the CPUs this process may use), not %d", cpus, torch.get_num_threads())
+        torch.set_num_threads(cpus)
+    return torch.get_num_threads()
