@@ -15,10 +15,9 @@ request, on the same machine as the server):
   ``vllm`` console script does not run), its defaults, ``VLLM_CPU_KVCACHE_SPACE`` 1 (2 for the 100M model);
 - ``tf-serve``: ``transformers serve --continuous-batching`` (paged KV cache, ``sdpa`` attention, the
   weights' dtype; on the ~100M model also ``--dtype bfloat16``, row ``tf-serve-bf16``), its cache sized
-  to the load (``--cb-num-blocks`` one more than the highest concurrency; by default it fills the
-  device's memory and every decode step attends over all of it: 8x slower at c8 on the ~100M model).
-  Seen here with it: on the ~100M model a lone request (c1) takes about 0.8 s a token whatever the
-  cache size, against about 0.16 s at c8 (2 busy cores), not understood; its c1 row shows it;
+  to the load (``--cb-num-blocks`` one more than the highest concurrency, ``--cb-max-batch-tokens``
+  512; by default it sizes the cache from the device's memory and each decode step's attention spans
+  it: on the ~110M model at c8, 12.5 tokens/s by default against 32 so sized, one pair of runs here);
 - ``infinity``: ``infinity_emb v2`` (embeddings only; torch engine, its default batch size).
 
 Models: the tiny fixture Llama (``tiny``), the ~110M random Llama with a 32000-token vocabulary
@@ -185,9 +184,9 @@ class Server:
             # the model is preloaded and pinned (force_model); continuous batching runs the paged cache
             cmd = [python, "-m", "transformers.cli.transformers", "serve", m, "--continuous-batching", "--host", "127.0.0.1",
                    "--port", p, "--log-level", "error", "--device", "cpu" if device == "cpu" else "cuda:0"]  # fmt: skip
-            # Its paged cache is sized from the device's memory by default, and every decode step's sdpa attention
-            # (with its mask) spans the whole cache: on the ~110M model at c8, 8 tok/s with 64 blocks and 65 with 17
-            # (2 cores). One 256-token block a request is all a 32-token completion of a short prompt needs.
+            # Its paged cache is sized from the device's memory by default, and each decode step's sdpa attention
+            # (with its mask) spans the cache: on the ~110M model at c8, 12.5 tok/s by default and 32 so sized
+            # (2 cores, one pair of runs). One 256-token block a request is all a 32-token completion needs.
             cmd += ["--cb-num-blocks", str(max_concurrency + 1), "--cb-max-batch-tokens", str(max(512, 32 * max_concurrency))]
         elif self.group == "infinity":
             cmd = [python, "-c", "import sys; from infinity_emb.cli import cli; sys.argv[0] = 'infinity_emb'; sys.exit(cli())", "v2", "--model-id", m, "--served-model-name", model.name,
