@@ -85,7 +85,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from .. import errors
 from ..generation import SamplingParams, SequenceDelta, TokenLogprob, coalesce
-from . import sampler
+from . import kv_cache, sampler
 from .batching import BatchWindow
 from .padding import pad_batch
 from .sampler import LogitsProcessor
@@ -568,6 +568,7 @@ class GenerationScheduler:
         out = self._run_model(adapters, input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
         self.stats["prefills"] += 1
         cache = out.past_key_values
+        kv_cache.grow_in_place(cache)
         logits = out.logits[:, -1, :].float()
         if any(job.rows > 1 for job in jobs):  # n > 1: each request's row repeated n times
             rows = torch.tensor([job.rows for job in jobs], device=self.device)
@@ -600,6 +601,7 @@ class GenerationScheduler:
             self._mergeable = bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
             if not self._mergeable:
                 logger.info("this model's KV cache cannot be merged; concurrent requests decode side by side")
+        kv_cache.grow_in_place(cache)
         if n > 1:
             cache.batch_repeat_interleave(n)
         logits = out.logits[:, -1, :].float().expand(n, -1).clone()

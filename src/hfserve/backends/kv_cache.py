@@ -1,0 +1,94 @@
+"""A KV cache layer that appends in place: decode steps stop copying the whole cache.
+
+transformers' ``DynamicLayer`` appends a step's keys and values with ``torch.cat``, which
+copies every cached position of every row, in every layer, at every step: the cost of a
+step grows with the context (on a ~110M Llama at 512 cached positions, batch 8, float32,
+the copies took longer than the attention itself). :class:`GrowingLayer` keeps its keys and
+values in buffers with spare positions and writes each step into them; only when the
+buffer is full (or the scheduler has replaced its contents: rows that joined, left, or
+were trimmed) is it reallocated, with :data:`HEADROOM` spare positions.
+
+``keys`` and ``values`` stay what transformers and the scheduler read and assign: reading
+gives a view of the filled positions, assigning a tensor makes it the new contents.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+#: spare positions a buffer gets when it is (re)allocated: one reallocation per this many steps
+HEADROOM = 128
+
+
+class GrowingLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose update writes into preallocated buffers instead of concatenating."""
+
+    _kbuf: torch.Tensor | None
+    _vbuf: torch.Tensor | None
+    _len: int  # filled positions of the keys' buffer
+    _vlen: int  # and of the values' (the same, except between two assignments)
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        buf = self.__dict__.get("_kbuf")
+        return buf if buf is None or buf.dim() < 4 else buf[..., : self._len, :]
+
+    @keys.setter
+    def keys(self, value: torch.Tensor | None) -> None:
+        self._kbuf = value
+        self._len = 0 if value is None or value.dim() < 2 else value.shape[-2]
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        buf = self.__dict__.get("_vbuf")
+        return buf if buf is None or buf.dim() < 4 else buf[..., : self._vlen, :]
+
+    @values.setter
+    def values(self, value: torch.Tensor | None) -> None:
+        self._vbuf = value
+        self._vlen = 0 if value is None or value.dim() < 2 else value.shape[-2]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        kbuf, vbuf = self._kbuf, self._vbuf
+        length, step = self._len, key_states.shape[-2]
+        need = length + step
+        if (
+            kbuf is None
+            or vbuf is None
+            or kbuf.dim() != 4
+            or self._vlen != length
+            or min(kbuf.shape[-2], vbuf.shape[-2]) < need
+            or kbuf.shape[0] != key_states.shape[0]
+        ):
+            kbuf, vbuf = self._grow(key_states, value_states, need)
+        kbuf[..., length:need, :] = key_states
+        vbuf[..., length:need, :] = value_states
+        self._len = self._vlen = need
+        return kbuf[..., :need, :], vbuf[..., :need, :]
+
+    def _grow(self, key_states: torch.Tensor, value_states: torch.Tensor, need: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """New buffers for ``need`` positions and :data:`HEADROOM` more, holding the filled ones."""
+        bufs = []
+        for old, new in ((self.keys, key_states), (self.values, value_states)):
+            shape = (*new.shape[:-2], need + HEADROOM, new.shape[-1])
+            buf = torch.empty(shape, dtype=new.dtype, device=new.device)
+            if old is not None and old.dim() == 4 and self._len:
+                buf[..., : self._len, :] = old[..., : self._len, :]
+            bufs.append(buf)
+        self._kbuf, self._vbuf = bufs
+        return bufs[0], bufs[1]
+
+
+def grow_in_place(cache: Any) -> None:
+    """Turn the plain ``DynamicLayer`` layers of ``cache`` (as a prefill left them) into
+    :class:`GrowingLayer`, keeping their contents; other layer types are left as they are."""
+    for layer in getattr(cache, "layers", None) or []:
+        if type(layer) is DynamicLayer:
+            keys, values = layer.__dict__.pop("keys", None), layer.__dict__.pop("values", None)
+            layer.__class__ = GrowingLayer
+            layer.keys, layer.values = keys, values

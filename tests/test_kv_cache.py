@@ -1,0 +1,83 @@
+"""The in-place KV cache layer (src/hfserve/backends/kv_cache.py): the same attention as
+transformers' concatenating ``DynamicLayer`` through everything the scheduler does to a cache
+(rows leaving, trimmed columns, n-fold rows), without copying the cache at each step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hfserve.backends import kv_cache
+
+
+@pytest.fixture(scope="module")
+def llama(models):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(models["llama"], dtype=torch.float32).eval()
+
+
+def _decode(model, grow: bool, steps: int = 12):
+    """Prefill 3 left-padded rows, repeat them 2-fold, decode ``steps`` greedy steps; midway drop
+    rows and trim the columns only padding uses (as the scheduler's ``_select`` does)."""
+    ids = torch.tensor([[0, 0, 0, 5, 6, 7], [0, 8, 9, 10, 11, 12], [13, 14, 15, 16, 17, 18]])
+    mask = (ids != 0).long()
+    logits, caches = [], []
+    with torch.inference_mode():
+        out = model(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True)
+        cache = out.past_key_values
+        if grow:
+            kv_cache.grow_in_place(cache)
+            assert all(type(layer) is kv_cache.GrowingLayer for layer in cache.layers)
+        cache.batch_repeat_interleave(2)
+        mask = mask.repeat_interleave(2, dim=0)
+        last = out.logits[:, -1].repeat_interleave(2, dim=0)
+        for step in range(steps):
+            if step == steps // 2:  # rows 0 and 1 (the shortest prompt) leave: columns 0-2 hold padding only
+                keep = torch.tensor([2, 3, 4, 5])
+                cache.batch_select_indices(keep)
+                mask, last = mask[keep], last[keep]
+                for layer in cache.layers:
+                    layer.keys = layer.keys[..., 1:, :]
+                    layer.values = layer.values[..., 1:, :]
+                mask = mask[:, 1:]
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            out = model(
+                last.argmax(-1, keepdim=True),
+                attention_mask=mask,
+                position_ids=mask.sum(-1, keepdim=True) - 1,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            last = out.logits[:, -1]
+            logits.append(F.pad(last, (0, 0, 0, 6 - last.shape[0])))
+            caches.append([layer.keys.data_ptr() for layer in cache.layers])
+    return torch.stack(logits), caches
+
+
+@pytest.mark.parametrize("headroom", [1, 3, 128])
+def test_same_logits_as_the_concatenating_layer(llama, monkeypatch, headroom):
+    monkeypatch.setattr(kv_cache, "HEADROOM", headroom)  # 1 and 3: a reallocation every step or every few
+    expected, _ = _decode(llama, grow=False)
+    got, _ = _decode(llama, grow=True)
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0)
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+def test_a_decode_step_writes_in_place(llama):
+    """Between the reallocations (the first step, and after rows left) the keys stay in one buffer;
+    transformers' layer makes a new tensor at every step."""
+    _, grown = _decode(llama, grow=True)
+    _, plain = _decode(llama, grow=False)
+    assert grown[1:6] == [grown[1]] * 5 and grown[7:] == [grown[7]] * 5
+    assert all(a[0] != b[0] for a, b in zip(plain, plain[1:]))  # each step's keys: a new tensor (the old alive till then)
+
+
+def test_only_plain_dynamic_layers_are_converted():
+    from transformers.cache_utils import DynamicCache, DynamicSlidingWindowLayer
+
+    cache = DynamicCache()
+    cache.layers = [DynamicSlidingWindowLayer(sliding_window=4)]
+    kv_cache.grow_in_place(cache)
+    assert type(cache.layers[0]) is DynamicSlidingWindowLayer
