@@ -1,6 +1,7 @@
-"""Prepacked oneDNN linear weights on CPU (src/hfserve/backends/cpu_linear.py): the packed model
-computes what the plain one does, releases the plain weights it no longer reads, keeps tied
-ones, and the transformers backend's answers equal transformers' own ``generate``."""
+"""Prepacked oneDNN linear weights for bfloat16 on CPU (src/hfserve/backends/cpu_linear.py): the
+packed model computes what the plain one does, releases the plain weights it no longer reads,
+keeps tied ones, float32 models are left alone, and the transformers backend's answers equal
+transformers' own ``generate``."""
 
 from __future__ import annotations
 
@@ -90,22 +91,27 @@ def _greedy_steps(model, tokenizer, steps=8):
     return torch.stack(logits)
 
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
-def test_packed_model_computes_what_the_plain_one_does(medium, dtype, tol):
+def test_packed_model_computes_what_the_plain_one_does(medium):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(medium)
-    plain, packed = _load(medium, dtype), _load(medium, dtype)
+    plain, packed = _load(medium, torch.bfloat16), _load(medium, torch.bfloat16)
     # per decoder layer q, k, v, o, gate, up, down, and the output layer
     assert cpu_linear.prepack(packed) == 2 * 7 + 1
     assert all(type(m) is cpu_linear.PackedLinear for m in packed.modules() if isinstance(m, torch.nn.Linear))
     expected, got = _greedy_steps(plain, tokenizer), _greedy_steps(packed, tokenizer)
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
-    assert torch.allclose(got, expected, atol=tol * expected.abs().max().item(), rtol=0)
+    assert torch.allclose(got, expected, atol=5e-2 * expected.abs().max().item(), rtol=0)
+
+
+def test_float32_is_left_alone(medium):
+    model = _load(medium, torch.float32)  # packing made float32 slower at concurrency 1 (see cpu_linear)
+    assert cpu_linear.prepack(model) == 0
+    assert not any(isinstance(m, cpu_linear.PackedLinear) for m in model.modules())
 
 
 def test_plain_weights_are_released_and_tied_ones_kept(medium_tied):
-    model = _load(medium_tied, torch.float32)
+    model = _load(medium_tied, torch.bfloat16)
     shapes = {name: tuple(p.shape) for name, p in model.named_parameters()}
     embedding = model.get_input_embeddings().weight
     assert model.lm_head.weight is embedding
@@ -114,13 +120,13 @@ def test_plain_weights_are_released_and_tied_ones_kept(medium_tied):
     q_proj = model.model.layers[0].self_attn.q_proj
     assert q_proj.weight.untyped_storage().nbytes() == q_proj.weight.element_size()  # released
     assert type(model.lm_head) is cpu_linear.PackedLinear
-    assert model.lm_head.weight is embedding and embedding.untyped_storage().nbytes() == embedding.numel() * 4
+    assert model.lm_head.weight is embedding and embedding.untyped_storage().nbytes() == embedding.numel() * 2
     with torch.inference_mode():  # the embedding still looks tokens up
         assert torch.equal(model.get_input_embeddings()(torch.tensor([3])), embedding[3:4])
 
 
 def test_small_layers_are_left_alone(models):
-    model = _load(models["llama"], torch.float32)  # hidden 128: nothing to gain
+    model = _load(models["llama"], torch.bfloat16)  # hidden 128: nothing to gain
     assert cpu_linear.prepack(model) == 0
     assert not any(isinstance(m, cpu_linear.PackedLinear) for m in model.modules())
 
@@ -135,7 +141,7 @@ async def _complete(backend, prompt_ids, max_tokens):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_backend_packs_and_answers_as_generate(medium, dtype):
-    """Concurrent greedy requests on the packed transformers backend equal transformers' own
+    """Concurrent greedy requests on the transformers backend (packed in bfloat16) equal transformers' own
     ``generate`` of each prompt alone on the unpacked model (the independent reference)."""
     backend = HuggingFaceBackend(dataclasses.replace(ModelConfig.local(medium), dtype=dtype), BatchingConfig())
 
@@ -148,7 +154,8 @@ def test_backend_packs_and_answers_as_generate(medium, dtype):
             await backend.stop()
 
     prompts, answers = asyncio.run(scenario())
-    assert any(isinstance(m, cpu_linear.PackedLinear) for m in backend.model.modules())
+    packed = any(isinstance(m, cpu_linear.PackedLinear) for m in backend.model.modules())
+    assert packed == (dtype == "bfloat16")
     reference = _load(medium, getattr(torch, dtype))
     with torch.inference_mode():
         for prompt, answer in zip(prompts, answers):
@@ -159,7 +166,7 @@ def test_backend_packs_and_answers_as_generate(medium, dtype):
 
 def test_not_packed_with_lora(medium):
     """peft wraps the plain linear layers of a LoRA-enabled model: they stay as they are."""
-    config = dataclasses.replace(ModelConfig.local(medium), lora=LoraConfig(enabled=True))
+    config = dataclasses.replace(ModelConfig.local(medium), dtype="bfloat16", lora=LoraConfig(enabled=True))
     backend = HuggingFaceBackend(config, BatchingConfig())
     asyncio.run(backend.start())
     try:

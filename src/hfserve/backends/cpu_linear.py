@@ -1,21 +1,20 @@
-"""Linear layers with prepacked oneDNN weights, for generation on CPU.
+"""Linear layers with prepacked oneDNN weights, for bfloat16 generation on CPU.
 
-A decode step multiplies a few rows (one per running sequence) by every weight matrix
-of the model, so its time is the time to stream the weights through the cores.
-``torch.nn.functional.linear`` hands oneDNN (or MKL) the weights in their plain
-row-major layout, and oneDNN re-blocks them for its kernels on every call; a weight
-reordered once into oneDNN's own blocked layout (``torch.ops.mkldnn._reorder_linear_weight``,
-what ``torch.compile`` does to frozen CPU weights) skips that: measured on a ~110M
-Llama on 2 cores, the matrix products of a batch-8 decode step took about 1.5 times
-less time in float32 and in bfloat16 (see docs/benchmarks.md).
+In bfloat16 on CPU, ``torch.nn.functional.linear`` hands oneDNN the weights in their plain
+row-major layout, and oneDNN re-blocks them for its (AMX / AVX-512 BF16) kernels on every
+call. A weight reordered once into oneDNN's own blocked layout
+(``torch.ops.mkldnn._reorder_linear_weight``, what ``torch.compile`` does to frozen CPU
+weights) skips that. Measured through the server on a ~110M Llama on 2 cores (docs/benchmarks.md):
+bfloat16 generation 24 -> 30 tokens/s at concurrency 1, 165 -> 173 at 8, 282 -> 303 at 16. In
+float32 the same packing made concurrency 1 slower (34 -> 21 tokens/s: MKL's matrix-vector
+product beats oneDNN's there) and 8 and 16 no faster, so float32 weights stay as they are.
 
-:func:`prepack` turns the large ``nn.Linear`` layers of a loaded model into
+:func:`prepack` turns the large bfloat16 ``nn.Linear`` layers of a loaded model into
 :class:`PackedLinear` (the same object, its class swapped, so module paths and
 ``weight.shape`` stay), each holding its packed weight. The plain weight's storage is
 released (its parameter becomes a zero-strided view of one element, with the same
 shape, dtype and device) unless another module shares it (tied embeddings), which then
-keeps it. Small layers stay as they are: there the per-call overhead dominates and
-nothing is gained.
+keeps it. Small layers stay as they are: there the per-call overhead dominates.
 """
 
 from __future__ import annotations
@@ -31,7 +30,8 @@ logger = logging.getLogger("hfserve.backends.cpu_linear")
 MIN_ELEMENTS = 512 * 512
 #: the row count oneDNN chooses its blocked layout for: a decode step's batch
 BATCH_HINT = 8
-_DTYPES = (torch.float32, torch.bfloat16)
+#: where packing pays (see above)
+_DTYPES = (torch.bfloat16,)
 
 
 def available() -> bool:
@@ -64,7 +64,7 @@ def _packable(layer: nn.Module) -> bool:
 
 
 def prepack(model: nn.Module) -> int:
-    """Pack the large linear layers of ``model`` (on CPU, float32 or bfloat16) in place;
+    """Pack the large linear layers of ``model`` (on CPU, in bfloat16) in place;
     returns how many were packed (0 where oneDNN's operators are missing)."""
     if not available():
         return 0

@@ -259,7 +259,7 @@ class HuggingFaceBackend(Backend):
                 )
             self.lora = LoraWeights(self.model)
         if self.task.is_generative and self.device.type == "cpu" and self.lora is None:
-            cpu_linear.prepack(self.model)  # decode steps stream every weight: keep them in oneDNN's layout
+            cpu_linear.prepack(self.model)  # bfloat16: weights in oneDNN's layout (see cpu_linear)
         if self.task.is_generative:
             self.scheduler = GenerationScheduler(
                 self.model,
