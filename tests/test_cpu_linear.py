@@ -16,6 +16,7 @@ from hfserve.backends import cpu_linear
 from hfserve.backends.huggingface import HuggingFaceBackend
 from hfserve.config import BatchingConfig, LoraConfig, ModelConfig
 from hfserve.generation import SamplingParams
+from tests.fixtures.build_models import _llama_config_and_gen
 
 pytestmark = pytest.mark.skipif(not cpu_linear.available(), reason="this PyTorch has no oneDNN packed linear operators")
 
@@ -25,22 +26,12 @@ PROMPTS = ["Hello world", "The quick brown fox jumps over", "a"]
 def _build(dest, tokenizer_dir, *, tied: bool):
     """A Llama whose layers are large enough to be packed (hidden 512), random weights, the
     fixture Llama's tokenizer."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=512,
-        intermediate_size=1024,
-        num_hidden_layers=2,
-        num_attention_heads=8,
-        num_key_value_heads=8,
-        head_dim=64,
-        max_position_embeddings=256,
-        tie_word_embeddings=tied,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+    config, _ = _llama_config_and_gen(tokenizer)
+    config.update(
+        {"hidden_size": 512, "intermediate_size": 1024, "num_attention_heads": 8, "num_key_value_heads": 8, "tie_word_embeddings": tied}
     )
     torch.manual_seed(1)
     model = LlamaForCausalLM(config)
