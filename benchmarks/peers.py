@@ -3,9 +3,13 @@
     python benchmarks/peers.py [--only tiny,100m,embeddings] [--servers hfserve-hf,hfserve-vllm,vllm,tf-serve,infinity]
                                [--quick] [--write]
 
-Starts one server at a time, on free ports of 127.0.0.1, and measures it with the one load generator
-of benchmarks/load.py (asyncio, keep-alive HTTP/1.1, closed loop, one connection per concurrent
-request, on the same machine as the server):
+Starts the servers of one model side by side (``--one-at-a-time``: one after another), on free ports
+of 127.0.0.1, and measures them in turns with the one load generator of benchmarks/load.py (asyncio,
+keep-alive HTTP/1.1, closed loop, one connection per concurrent request, on the same machine as the
+servers). Side by side, every level runs three times on every server, the order rotating, each turn
+after the idle servers have stopped using CPU: a shared machine's speed drifts by up to a third
+between minutes, and servers measured one after another would carry that drift into the ratios.
+The servers:
 
 - ``hfserve-hf``: hfserve on the transformers backend (``--backend huggingface``), float32 (its
   default on CPU) and, on the ~100M model, also ``--dtype bfloat16`` (row ``hfserve-hf-bf16``);
@@ -35,9 +39,10 @@ batch 8 and 16 on the ~100M model (float32 and bfloat16), and sentence-transform
 Every level records the 1-minute load average before and after it and the CPU that other processes
 used during it (from /proc); a level run while other work was running (load before it above the
 decayed load of this benchmark's own previous level + 0.5, or others using more than half a core)
-is run again, up to twice; the best run counts. Every run goes to benchmarks/peers.json; with
+is marked disturbed (one at a time, it is run again, up to twice); the best run counts. Every run goes to benchmarks/peers.json; with
 ``--write`` the table goes into docs/benchmarks.md between ``<!-- peers -->`` and ``<!-- /peers -->``
-(inside the hand-written notes that bench.py keeps).
+(inside the hand-written notes that bench.py keeps); the table compares one sitting, so ``--write``
+of a subset of models or servers needs its own ``--out`` and ``--json``.
 
 Each peer runs from its own virtual environment under ``~/.cache/hfserve-bench/venvs/<peer>``
 (``HFSERVE_BENCH_CACHE`` moves it), created with pinned versions on first use (pip; a few minutes);
@@ -81,7 +86,8 @@ PROMPT = "Once upon a time, in a small town by the sea,"
 GEN_LEVELS = (1, 8, 16)
 EMB_LEVELS = (1, 8, 32)
 MAX_MODEL_LEN = 256
-MORE_RUNS = 2  # a disturbed level runs again at most this many times
+MORE_RUNS = 2  # one server at a time: a disturbed level runs again at most this many times
+ROUNDS = 3  # side by side: every server runs every level this many times, in turns
 DISTURBED_LOAD = 0.5  # load above the expected, or others' cores during a level, that marks a run disturbed
 PEERS_BEGIN, PEERS_END, NOTES_MARKER = "<!-- peers -->", "<!-- /peers -->", "<!-- notes -->"
 
@@ -552,7 +558,9 @@ def markdown(results: dict) -> str:
         "",
         f"Produced by `python benchmarks/peers.py{' --quick' if results.get('quick') else ''} --write` (its docstring says how): {env['date']}, "
         f"{env['cpu']}, {env['cores']} cores. Versions: {vers}.",
-        "One server at a time; the load generator of benchmarks/load.py on the same cores. Generation: 32-token greedy",
+        (f"A model's servers side by side, idle but for the one measured, each level run {ROUNDS} times per server in turns"
+         if results.get("side_by_side") else "One server at a time")
+        + "; the load generator of benchmarks/load.py on the same cores. Generation: 32-token greedy",
         "completions (every answer checked to have 32 tokens), throughput and p50/p95 from non-streamed requests, TTFT p50",
         "from a separate streamed pass. Embeddings: one sentence per request. Ratios are tokens/s (embeddings/s) of the",
         "hfserve row over the peer at the same model and concurrency (over the better of `tf-serve` and `tf-serve-bf16`),",
@@ -588,29 +596,110 @@ def select(names: str, known: list[str], what: str) -> list[str]:
 
 def run_servers(models: dict[str, Model], servers: list[Server], quick: bool, log_dir: pathlib.Path, device: str = "cpu",
                 gen_levels: tuple[int, ...] = GEN_LEVELS, emb_levels: tuple[int, ...] = EMB_LEVELS,
-                python: str | None = None) -> dict:  # fmt: skip
-    """Every selected server on every model it serves, one at a time: {model: {server: {"levels": [...]} or {"error": ...}}}."""
+                python: str | None = None, side_by_side: bool = False) -> dict:  # fmt: skip
+    """Every selected server on every model it serves: {model: {server: {"levels": [...]} or {"error": ...}}}.
+
+    One at a time by default (a GPU holds one server: vLLM takes most of its memory); with
+    ``side_by_side`` the servers of one model are all started and measured in turn (see
+    :func:`measure_side_by_side`)."""
     out: dict[str, dict] = {}
     for mkey, model in models.items():
         out[mkey] = {}
-        for server in servers:
-            if model.task not in server.tasks or (server.only_models and mkey not in server.only_models):
-                continue
-            print(f"{server.key} on {mkey} ...", flush=True)
-            run = None
+        chosen = [s for s in servers if model.task in s.tasks and (not s.only_models or mkey in s.only_models)]
+        levels = gen_levels if model.task == "generate" else emb_levels
+        for group in [chosen] if side_by_side else [[s] for s in chosen]:
+            running: dict[str, Running] = {}
             try:
-                t0 = time.monotonic()
-                levels = gen_levels if model.task == "generate" else emb_levels
-                run = launch(server, model, log_dir, device, python=python, max_concurrency=max(levels))
-                print(f"  ready in {time.monotonic() - t0:.0f}s", flush=True)
-                out[mkey][server.key] = {"dtype": server.dtype, "levels": measure_server(run, model, levels, quick, [run.proc.pid])}
-            except Exception as exc:  # noqa: BLE001 - a peer that fails is a row, not a crash
-                print(f"  {server.key} failed: {exc}", flush=True)
-                out[mkey][server.key] = {"error": f"{type(exc).__name__}: {exc}"}
+                for server in group:
+                    print(f"{server.key} on {mkey} ...", flush=True)
+                    t0 = time.monotonic()
+                    try:
+                        running[server.key] = launch(server, model, log_dir, device, python=python, max_concurrency=max(levels))
+                    except Exception as exc:  # noqa: BLE001 - a peer that fails is a row, not a crash
+                        print(f"  {server.key} failed: {exc}", flush=True)
+                        out[mkey][server.key] = {"error": f"{type(exc).__name__}: {exc}"}
+                        continue
+                    print(f"  ready in {time.monotonic() - t0:.0f}s", flush=True)
+                if side_by_side:
+                    measured = measure_side_by_side(running, model, levels, quick)
+                else:
+                    measured = {key: _measure_alone(run, model, levels, quick) for key, run in running.items()}
+                for key, rows in measured.items():
+                    out[mkey][key] = {"error": rows} if isinstance(rows, str) else {"dtype": running[key].server.dtype, "levels": rows}
             finally:
-                if run is not None:
+                for run in running.values():
                     stop(run)
     return out
+
+
+def _measure_alone(run: Running, model: Model, levels: tuple[int, ...], quick: bool) -> list[dict] | str:
+    try:
+        return measure_server(run, model, levels, quick, [run.proc.pid])
+    except Exception as exc:  # noqa: BLE001 - a peer that fails is a row, not a crash
+        print(f"  {run.server.key} failed: {exc}", flush=True)
+        return f"{type(exc).__name__}: {exc}"
+
+
+def settle(pids: list[int], limit: float = 20.0, quiet: float = 0.05) -> float:
+    """Wait, at most ``limit`` seconds, until these processes together use under ``quiet`` cores over
+    half a second (vLLM's engine keeps polling for a few seconds after its last request); the cores
+    they used in the last half second."""
+    deadline = time.monotonic() + limit
+    while True:
+        cpu0, t0 = tree_cpu(pids), time.monotonic()
+        time.sleep(0.5)
+        used = (tree_cpu(pids) - cpu0) / (time.monotonic() - t0)
+        if used < quiet or time.monotonic() > deadline:
+            return used
+
+
+def measure_side_by_side(runs: dict[str, Running], model: Model, levels: tuple[int, ...], quick: bool) -> dict[str, list[dict] | str]:
+    """The started servers of one model, measured in turn: {server: rows, or an error}.
+
+    On a shared machine throughput drifts by a third between minutes (docs/benchmarks.md), more
+    than most differences between servers; measuring servers one after another puts that drift
+    into the ratios. Here every level is warmed up on every server, then runs in ``ROUNDS``
+    rounds in which each server takes one turn (the order rotating), each turn only after the
+    idle servers have settled (:func:`settle`); the best run of a server counts, as alone."""
+    rows: dict[str, list[dict]] = {key: [] for key in runs}
+    errors: dict[str, str] = {}
+
+    def once(key: str, c: int, n: int) -> dict | None:
+        try:
+            if model.task == "generate":
+                return asyncio.run(gen_run(runs[key], model, c, n, max(2 * c, 4) if not quick else c))
+            return asyncio.run(emb_run(runs[key], model, c, n))
+        except Exception as exc:  # noqa: BLE001 - a peer that fails is a row, not a crash
+            print(f"  {key} failed: {exc}", flush=True)
+            errors[key] = f"{type(exc).__name__}: {exc}"
+            return None
+
+    for key in runs:
+        once(key, 4, 8)  # warm-up
+    for c in levels:
+        if not quick:
+            for key in [k for k in runs if k not in errors]:
+                once(key, c, 2 * c)  # two untimed rounds at this concurrency (batch shapes warm up)
+        order = [k for k in runs if k not in errors]
+        done: dict[str, list[dict]] = {key: [] for key in order}
+        for _ in range(1 if quick else ROUNDS):
+            for key in order:
+                if key in errors:
+                    continue
+                idle = settle([run.proc.pid for other, run in runs.items() if other != key])
+                with LoadWatch([runs[key].proc.pid]) as watch:  # the idle servers count as others
+                    r = once(key, c, requests_for(model.task, c, quick))
+                if r is None:
+                    continue
+                done[key].append({**r, **watch.record(), "others_idle_cores": round(idle, 3)})
+                print(f"    {key} c{c}: {r['per_s']:.1f}/s p50 {r['p50_s'] * 1000:.0f} ms" + (f" TTFT {r['ttft_p50_s'] * 1000:.0f} ms" if "ttft_p50_s" in r else "")
+                      + f" (load {watch.load_before:.2f} -> {watch.load_after:.2f}, others {watch.others:.2f} cores)"
+                      + (" disturbed" if watch.disturbed else ""), flush=True)  # fmt: skip
+            order = order[1:] + order[:1]
+        for key, made in done.items():
+            if made and key not in errors:
+                rows[key].append({**max(made, key=lambda r: r["per_s"]), "runs": made})
+    return {key: errors.get(key) or rows[key] for key in runs}
 
 
 def install_all(names: set[str]) -> dict[str, str]:
@@ -634,6 +723,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--servers", default="hfserve-hf,hfserve-vllm,vllm,tf-serve,infinity", help="servers (comma-separated)")
     ap.add_argument("--quick", action="store_true", help="few requests per level, one run each, short ceilings")
     ap.add_argument("--write", action="store_true", help="write the table into docs/benchmarks.md and the runs to benchmarks/peers.json")
+    ap.add_argument("--one-at-a-time", action="store_true", help="start one server at a time (default: a model's servers side by side, measured in turns)")
     ap.add_argument("--no-ceilings", action="store_true", help="skip the in-process ceilings")
     ap.add_argument("--setup", action="store_true", help="only make the peers' virtual environments")
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
@@ -650,6 +740,12 @@ def main(argv: list[str] | None = None) -> int:
             print(ceiling_encode(path, int(batch), device, int(repeats)))
         return 0
 
+    default_out = (args.out, args.json) == (ap.get_default("out"), ap.get_default("json"))
+    if args.write and default_out and (args.only != ap.get_default("only") or args.servers != ap.get_default("servers")):
+        # the table's ratios compare servers measured in one sitting: a subset would replace it with
+        # part of one, or mix two sittings' rows
+        ap.error("--write replaces the whole table of docs/benchmarks.md: run every model and server, "
+                 "or give --out and --json for a partial run")
     groups = select(args.servers, sorted({s.group for s in SERVERS}), "server")
     servers = [s for s in SERVERS if s.group in groups]
     venvs = {s.venv for s in servers if s.venv}
@@ -683,7 +779,8 @@ def main(argv: list[str] | None = None) -> int:
                     results["ceilings"].setdefault(mkey, {})[label] = {"error": str(exc)}
 
     runnable = [s for s in servers if s.venv not in venv_errors]
-    results["models"] = run_servers(models, runnable, args.quick, log_dir)
+    results["models"] = run_servers(models, runnable, args.quick, log_dir, side_by_side=not args.one_at_a_time)
+    results["side_by_side"] = not args.one_at_a_time
     for s in servers:
         if s.venv in venv_errors:
             for mkey, model in models.items():

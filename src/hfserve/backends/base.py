@@ -37,7 +37,8 @@ DTYPE_ALIASES = {
 
 
 def resolve_dtype(name: str | None, *, gpu: bool, config_dtype: Any = None) -> str:
-    """The weight dtype for ``--dtype``, the same on every backend.
+    """The weight dtype for ``--dtype`` as the transformers backend loads it (the vLLM backend
+    passes ``auto`` on to vLLM, which picks, and resolves only explicit names here).
 
     ``auto`` is float32 on CPU and, on a GPU, the model config's half type (else float16).
     Raises ValueError for a name that is no dtype.
