@@ -688,7 +688,8 @@ def measure_side_by_side(runs: dict[str, Running], model: Model, levels: tuple[i
                     continue
                 idle = settle([run.proc.pid for other, run in runs.items() if other != key])
                 with LoadWatch([runs[key].proc.pid]) as watch:  # the idle servers count as others
-                    r = once(key, c, requests_for(model.task, c, quick))
+                    # half a lone server's requests per turn: three turns make up for it
+                    r = once(key, c, requests_for(model.task, c, quick) if quick else max(8, requests_for(model.task, c, quick) // 2))
                 if r is None:
                     continue
                 done[key].append({**r, **watch.record(), "others_idle_cores": round(idle, 3)})
