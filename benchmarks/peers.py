@@ -402,27 +402,32 @@ def requests_for(task: str, c: int, quick: bool) -> int:
     return max(16, 4 * c) if quick else max(64, 24 * c)
 
 
+def level_run(run: Running, model: Model, c: int, n: int, quick: bool) -> dict:
+    """One run of ``n`` requests at concurrency ``c`` (generation: and its TTFT pass)."""
+    if model.task == "generate":
+        return asyncio.run(gen_run(run, model, c, n, max(2 * c, 4) if not quick else c))
+    return asyncio.run(emb_run(run, model, c, n))
+
+
+def report(label: str, r: dict, watch: LoadWatch) -> None:
+    print(f"    {label}: {r['per_s']:.1f}/s p50 {r['p50_s'] * 1000:.0f} ms" + (f" TTFT {r['ttft_p50_s'] * 1000:.0f} ms" if "ttft_p50_s" in r else "")
+          + f" (load {watch.load_before:.2f} -> {watch.load_after:.2f}, expected {watch.expected:.2f}, others {watch.others:.2f} cores)"
+          + (" disturbed" if watch.disturbed else ""), flush=True)  # fmt: skip
+
+
 def measure_server(run: Running, model: Model, levels: tuple[int, ...], quick: bool, pids: list[int]) -> list[dict]:
     """Every level of one started server: warm-up, then runs until one is undisturbed (at most 1 + MORE_RUNS)."""
     rows = []
-
-    async def once(c: int, n: int) -> dict:
-        if model.task == "generate":
-            return await gen_run(run, model, c, n, max(2 * c, 4) if not quick else c)
-        return await emb_run(run, model, c, n)
-
-    asyncio.run(once(4, 8))  # warm-up
+    level_run(run, model, 4, 8, quick)  # warm-up
     for c in levels:
         if not quick:
-            asyncio.run(once(c, 2 * c))  # two untimed rounds at this concurrency (batch shapes warm up)
+            level_run(run, model, c, 2 * c, quick)  # two untimed rounds at this concurrency (batch shapes warm up)
         runs = []
         for _ in range(1 if quick else 1 + MORE_RUNS):
             with LoadWatch(pids) as watch:
-                r = asyncio.run(once(c, requests_for(model.task, c, quick)))
+                r = level_run(run, model, c, requests_for(model.task, c, quick), quick)
             runs.append({**r, **watch.record()})
-            print(f"    c{c}: {r['per_s']:.1f}/s p50 {r['p50_s'] * 1000:.0f} ms" + (f" TTFT {r['ttft_p50_s'] * 1000:.0f} ms" if "ttft_p50_s" in r else "")
-                  + f" (load {watch.load_before:.2f} -> {watch.load_after:.2f}, expected {watch.expected:.2f}, others {watch.others:.2f} cores)"
-                  + (" disturbed" if watch.disturbed else ""), flush=True)  # fmt: skip
+            report(f"c{c}", r, watch)
             if not watch.disturbed:
                 break
         best = max(runs, key=lambda r: r["per_s"])
@@ -666,9 +671,7 @@ def measure_side_by_side(runs: dict[str, Running], model: Model, levels: tuple[i
 
     def once(key: str, c: int, n: int) -> dict | None:
         try:
-            if model.task == "generate":
-                return asyncio.run(gen_run(runs[key], model, c, n, max(2 * c, 4) if not quick else c))
-            return asyncio.run(emb_run(runs[key], model, c, n))
+            return level_run(runs[key], model, c, n, quick)
         except Exception as exc:  # noqa: BLE001 - a peer that fails is a row, not a crash
             print(f"  {key} failed: {exc}", flush=True)
             errors[key] = f"{type(exc).__name__}: {exc}"
@@ -682,20 +685,19 @@ def measure_side_by_side(runs: dict[str, Running], model: Model, levels: tuple[i
                 once(key, c, 2 * c)  # two untimed rounds at this concurrency (batch shapes warm up)
         order = [k for k in runs if k not in errors]
         done: dict[str, list[dict]] = {key: [] for key in order}
+        # half a lone server's requests per turn (``--quick``: one turn): the turns make up for it
+        per_turn = requests_for(model.task, c, quick) if quick else max(8, requests_for(model.task, c, quick) // 2)
         for _ in range(1 if quick else ROUNDS):
             for key in order:
                 if key in errors:
                     continue
                 idle = settle([run.proc.pid for other, run in runs.items() if other != key])
                 with LoadWatch([runs[key].proc.pid]) as watch:  # the idle servers count as others
-                    # half a lone server's requests per turn: three turns make up for it
-                    r = once(key, c, requests_for(model.task, c, quick) if quick else max(8, requests_for(model.task, c, quick) // 2))
+                    r = once(key, c, per_turn)
                 if r is None:
                     continue
                 done[key].append({**r, **watch.record(), "others_idle_cores": round(idle, 3)})
-                print(f"    {key} c{c}: {r['per_s']:.1f}/s p50 {r['p50_s'] * 1000:.0f} ms" + (f" TTFT {r['ttft_p50_s'] * 1000:.0f} ms" if "ttft_p50_s" in r else "")
-                      + f" (load {watch.load_before:.2f} -> {watch.load_after:.2f}, others {watch.others:.2f} cores)"
-                      + (" disturbed" if watch.disturbed else ""), flush=True)  # fmt: skip
+                report(f"{key} c{c}", r, watch)
             order = order[1:] + order[:1]
         for key, made in done.items():
             if made and key not in errors:
