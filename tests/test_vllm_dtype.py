@@ -109,3 +109,18 @@ def test_explicit_choices_resolve_in_vllm(models):
     assert config.model_config.dtype == torch.float32
     assert config.model_config.enforce_eager
     assert config.compilation_config.mode == CompilationMode.NONE
+
+
+def test_compile_flag_leaves_vllm_its_own_compilation(models, caplog):
+    """``--compile`` is the transformers backend's; vLLM compiles by its own defaults, and the
+    server says the flag changes nothing there."""
+    import logging
+
+    from hfserve.server import Server
+
+    assert _engine_args(models, "--compile").enforce_eager is False
+    assert _engine_args(models, "--compile", "--enforce-eager").enforce_eager is True
+    config = resolve(build_parser().parse_args(["--model_dir", str(models["llama"]), "--backend", "vllm", "--compile"]))
+    caplog.set_level(logging.WARNING, logger="hfserve")
+    Server(config)
+    assert "--compile has no effect on the vllm backend" in caplog.text

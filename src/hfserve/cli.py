@@ -391,6 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max_batch_wait_ms", type=float, default=DEFAULT_MAX_WAIT_MS, help="longest a batch waits for more requests after its first (transformers backend)")
     s.add_argument("--batch_idle_ms", type=float, default=DEFAULT_IDLE_MS, help="a forming batch closes once no request has joined it for this long (transformers backend)")
     s.add_argument("--stall_timeout_seconds", type=float, default=60.0, help="readiness turns false while the decode loop has work and makes no progress for this long; 0: never (transformers backend)")
+    s.add_argument("--compile", action="store_true", help="compile generation's decode step with torch.compile before the server is ready (transformers backend; the vLLM backend compiles as vLLM does, unless --enforce-eager)")
     s.add_argument("--disable_log_requests", action="store_true", help="no access log line per request")
     s.add_argument("--max_request_body_bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="larger bodies get 413")
     s.add_argument("--max_concurrent_requests", type=int, default=None, help="model requests running at once (default: no limit)")
@@ -620,6 +621,7 @@ def _config(args: argparse.Namespace, source: str, local_dir: Path | None, task:
             max_batch_wait_ms=args.max_batch_wait_ms,
             batch_idle_ms=args.batch_idle_ms,
             stall_timeout_seconds=args.stall_timeout_seconds,
+            compile=args.compile,
         ),
         engine=EngineConfig(backend=args.backend, engine_args=engine_args),
     )

@@ -190,6 +190,8 @@ class BatchingConfig:
     batch_idle_ms: float = DEFAULT_IDLE_MS
     #: readiness turns false while the decode loop has work and makes no progress for this long (0: never)
     stall_timeout_seconds: float = 60.0
+    #: generation's decode step compiled with torch.compile before the server is ready (``--compile``)
+    compile: bool = False
 
 
 @dataclass(frozen=True)

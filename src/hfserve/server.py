@@ -107,6 +107,10 @@ class Server:
                 self.backend.name,
                 ", ".join(f"--{k.replace('_', '-')}" for k in ignored),
             )
+        if config.batching.compile and self.backend.name == "vllm":
+            logger.warning(
+                "--compile has no effect on the vllm backend: vLLM compiles its model unless --enforce-eager is given"
+            )
         self.http = _UvicornServer(
             uvicorn.Config(
                 self.app,

@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -53,9 +54,10 @@ from ..tasks import (
     sentence_transformers_pooling,
     text_generation_auto_class,
 )
-from . import cpu_linear, cpu_threads
+from . import cpu_linear, cpu_threads, kv_cache
 from .base import Backend, resolve_dtype
 from .batching import BatchWindow, MicroBatcher
+from .compiled import CompiledDecode
 from .encoders import EncoderTasks
 from .grammar import GrammarEngine
 from .lora import LoraWeights
@@ -176,6 +178,10 @@ class HuggingFaceBackend(Backend):
         self.metrics_registry: Any = None
         #: the decode loop's stall watchdog (``--stall_timeout_seconds``; see :mod:`.watchdog`)
         self.stall_timeout = float(batching.stall_timeout_seconds)
+        #: ``--compile``: the decode step compiled (see :mod:`.compiled`), before the backend is ready
+        self.compile = batching.compile
+        self.compiled: CompiledDecode | None = None
+        self._engine_stats: EngineStats | None = None
         self.watchdog: StallWatchdog | None = None
         # encoder tasks: merged forward passes
         self.batcher = MicroBatcher(self._run_encoder, self._executor, max_batch_size=self.max_batch_size, window=self.window)
@@ -184,6 +190,38 @@ class HuggingFaceBackend(Backend):
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._executor, self._load)
+        if self.scheduler is not None:
+            if self.compiled is not None:
+                await self._compile_decode_step(self.scheduler, self.compiled)
+            # counted from here: the compiler's warm-up requests are not the server's
+            if self._engine_stats is not None:
+                self.scheduler.attach_stats(self._engine_stats)
+        if self.watchdog is not None:
+            self.watchdog.start()
+
+    async def _compile_decode_step(self, scheduler: GenerationScheduler, compiled: CompiledDecode) -> None:
+        """Run the decode step in the states it compiles for, so that no request waits for the
+        compiler: one row and several, prompts of one token and more, the first step after the
+        rows change and later ones, and the steps that fill a KV cache buffer and reallocate it.
+        Then nothing compiles any more (:meth:`CompiledDecode.ready`)."""
+        started = time.monotonic()
+        logger.info("compiling the decode step (--compile); the server is ready when it is done")
+        prompt = list(self.tokenizer("Compiling the decode step", add_special_tokens=True)["input_ids"])
+        prompt = (prompt + [prompt[-1]] if prompt else [0, 0])[:8]
+        through_a_refill = kv_cache.HEADROOM + 3
+
+        async def run(ids: list[int], max_tokens: int = 3, n: int = 1) -> None:
+            params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, n=n)
+            async for _ in scheduler.generate(ids, params, "compile-decode-step"):
+                pass
+
+        await run(prompt[:1])
+        await run(prompt, through_a_refill)
+        await asyncio.gather(run(prompt, through_a_refill), run(prompt[:-1], through_a_refill))
+        await run(prompt, n=3)
+        compiled.ready()
+        state = "compiled" if compiled.active else "left eager (the compiler failed; see above)"
+        logger.info("decode step %s in %.0f s", state, time.monotonic() - started)
 
     def _load(self) -> None:
         kwargs = {"revision": self.revision, "trust_remote_code": self.trust_remote_code}
@@ -258,7 +296,12 @@ class HuggingFaceBackend(Backend):
                     f"--enable-lora: LoRA adapters are served for text generation only, and this is a {self.task.label} model"
                 )
             self.lora = LoraWeights(self.model)
-        if self.task.is_generative and self.device.type == "cpu" and self.lora is None:
+        if self.task.is_generative and self.compile:
+            if self.lora is not None or self.config.is_encoder_decoder:
+                logger.warning("--compile: the decode step stays eager with LoRA adapters and for encoder-decoder models")
+            else:
+                self.compiled = CompiledDecode(self.model)
+        if self.task.is_generative and self.device.type == "cpu" and self.lora is None and self.compiled is None:
             cpu_linear.prepack(self.model)  # bfloat16: weights in oneDNN's layout (see cpu_linear)
         if self.task.is_generative:
             self.scheduler = GenerationScheduler(
@@ -273,6 +316,7 @@ class HuggingFaceBackend(Backend):
                 stats=self.stats,
                 run_model=None if self.lora is None else self.lora.run,
                 max_adapters=lora_config.max_loras if self.lora is not None else None,
+                forward=self.compiled,
             )
             self.grammar = self._grammar_engine()
             engine_stats = EngineStats(
@@ -281,10 +325,9 @@ class HuggingFaceBackend(Backend):
                 max_model_len=self.max_model_len,
                 max_lora=lora_config.max_loras if self.lora is not None else None,
             )
-            self.scheduler.attach_stats(engine_stats)
+            self._engine_stats = engine_stats  # attached once started (see start)
             self.metrics_registry = engine_stats.registry
             self.watchdog = StallWatchdog(self.scheduler.busy_since, self.stall_timeout)
-            self.watchdog.start()
         logger.info(
             "loaded %s (%s) for %s on %s as %s, max_model_len %d",
             self.model_path,

@@ -266,8 +266,11 @@ class GenerationScheduler:
         stats: dict[str, int],
         run_model: Callable[..., Any] | None = None,
         max_adapters: int | None = None,
+        forward: Callable[..., Any] | None = None,
     ):
         self.model = model
+        #: what runs the model's forward passes (``--compile``: a :class:`~.compiled.CompiledDecode`)
+        self.forward: Callable[..., Any] = forward or model
         #: LoRA: runs a forward pass with per-row adapters (``run_model(adapters, encoder, inputs)``)
         self.run_with_adapters = run_model
         #: LoRA: the most different adapters among the running rows (None: no limit)
@@ -500,7 +503,7 @@ class GenerationScheduler:
             return self.run_with_adapters(adapters, encoder, inputs)
         if any(adapter is not None for adapter in adapters):
             raise NotImplementedError("adapters (LoRA) are not supported by this backend yet")
-        return (self.model.get_encoder() if encoder else self.model)(**inputs)
+        return (self.model.get_encoder() if encoder else self.forward)(**inputs)
 
     # admission ------------------------------------------------------------
     def _start_job(self, job: _Job) -> None:
