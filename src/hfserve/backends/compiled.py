@@ -4,9 +4,11 @@ A decode step runs the whole model for one token per row. In eager mode every op
 a separate dispatch from Python (on a small model most of the step), and the element-wise ones
 (normalisation, rotary embeddings, activations) each read and write their tensors once more.
 Inductor fuses them into a few generated kernels and, with ``freezing``, treats the weights as
-constants (on CPU it lays them out for its matrix products once). Measured in process on 2 cores
-(the scheduler, 8 requests at once, 32 tokens each; docs/benchmarks.md): the test-fixture Llama
-2936-3206 -> 4052-4745 tokens/s, a ~110M Llama in bfloat16 214-229 -> 235-292.
+constants (on CPU it lays them out for its matrix products once). Measured on 2 cores
+(docs/benchmarks.md): the scheduler alone, the test-fixture Llama at 8 requests, 4553 -> 5427
+tokens/s; through the server beside its peers, 3832 -> 4585 at concurrency 8 (1.6-1.8x vLLM's own
+server and ``transformers serve``), and a ~110M Llama in float32 at concurrency 1, 43 -> 49. Where a
+step is mostly weights streaming from memory (the ~110M Llama in bfloat16) it gains little.
 
 :class:`CompiledDecode` stands where the scheduler calls the model. A decode step (one new token
 per row over a KV cache) goes to the compiled model; everything else (prefills, whose lengths
