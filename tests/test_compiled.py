@@ -7,6 +7,7 @@ does, and a compiler that fails leaves the model eager without costing an answer
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 
@@ -149,5 +150,48 @@ def test_without_the_flag_nothing_is_compiled(models):
     backend = start(models["llama"])
     try:
         assert not isinstance(backend.scheduler.forward, CompiledDecode)
+    finally:
+        asyncio.run(backend.stop())
+
+
+def test_the_warm_up_stays_within_the_context_length(models, monkeypatch):
+    """A model served with a short context is not warmed up past it (a model with learned positions
+    would fail there); the warm-up's requests stay within ``max_model_len``."""
+    from hfserve.backends.scheduler import GenerationScheduler
+
+    seen: list[int] = []
+    generate = GenerationScheduler.generate
+
+    def recording(self, prompt_ids, params, request_id, **kwargs):
+        seen.append(len(prompt_ids) + params.max_tokens)
+        return generate(self, prompt_ids, params, request_id, **kwargs)
+
+    monkeypatch.setattr(GenerationScheduler, "generate", recording)
+    monkeypatch.setattr(huggingface, "CompiledDecode", functools.partial(CompiledDecode, backend="eager"))
+    model = dataclasses.replace(ModelConfig.local(str(models["llama"])), max_model_len=24)
+    backend = HuggingFaceBackend(model, BatchingConfig(compile=True))
+    asyncio.run(backend.start())
+    try:
+        assert seen and max(seen) <= 24, seen
+        assert backend.compiled is not None and backend.compiled.active and backend.compiled.steps > 0
+    finally:
+        asyncio.run(backend.stop())
+
+
+def test_a_failing_warm_up_still_serves(models, monkeypatch, caplog):
+    from hfserve.backends.scheduler import GenerationScheduler
+
+    def broken(self, prompt_ids, params, request_id, **kwargs):
+        raise RuntimeError("no warm-up today")
+
+    monkeypatch.setattr(huggingface, "CompiledDecode", functools.partial(CompiledDecode, backend="eager"))
+    with monkeypatch.context() as patch:
+        patch.setattr(GenerationScheduler, "generate", broken)
+        caplog.set_level(logging.WARNING, logger="hfserve.backends.huggingface")
+        backend = start(models["llama"], compile=True)
+    try:
+        assert "the decode step's warm-up stopped (RuntimeError: no warm-up today)" in caplog.text
+        assert backend.compiled is not None and backend.compiled.stance == "eager_on_recompile"
+        assert generate_all(backend, PROMPTS[:2]) == [reference(str(models["llama"]), tuple(p), 12) for p in PROMPTS[:2]]
     finally:
         asyncio.run(backend.stop())

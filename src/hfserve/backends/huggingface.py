@@ -208,17 +208,21 @@ class HuggingFaceBackend(Backend):
         logger.info("compiling the decode step (--compile); the server is ready when it is done")
         prompt = list(self.tokenizer("Compiling the decode step", add_special_tokens=True)["input_ids"])
         prompt = (prompt + [prompt[-1]] if prompt else [0, 0])[:8]
-        through_a_refill = kv_cache.HEADROOM + 3
+        # through a buffer refill, where the context allows one (a shorter context never gets there)
+        long = max(1, min(kv_cache.HEADROOM + 3, self.max_model_len - len(prompt)))
 
         async def run(ids: list[int], max_tokens: int = 3, n: int = 1) -> None:
             params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True, n=n)
             async for _ in scheduler.generate(ids, params, "compile-decode-step"):
                 pass
 
-        await run(prompt[:1])
-        await run(prompt, through_a_refill)
-        await asyncio.gather(run(prompt, through_a_refill), run(prompt[:-1], through_a_refill))
-        await run(prompt, n=3)
+        try:
+            await run(prompt[:1])
+            await run(prompt, long)
+            await asyncio.gather(run(prompt, long), run(prompt[:-1], long))
+            await run(prompt, n=3)
+        except Exception as exc:  # noqa: BLE001 - the model is still served; what did not compile runs eagerly
+            logger.warning("the decode step's warm-up stopped (%s: %s); what it did not compile runs eagerly", type(exc).__name__, exc)
         compiled.ready()
         state = "compiled" if compiled.active else "left eager (the compiler failed; see above)"
         logger.info("decode step %s in %.0f s", state, time.monotonic() - started)
