@@ -18,9 +18,9 @@ from transformers import AutoModelForCausalLM
 
 from hfserve.backends import compiled as compiled_module
 from hfserve.backends import huggingface
-from hfserve.backends.compiled import CompiledDecode, _rewind
+from hfserve.backends.compiled import CompiledDecode
 from hfserve.backends.huggingface import HuggingFaceBackend
-from hfserve.backends.kv_cache import HEADROOM, GrowingLayer
+from hfserve.backends.kv_cache import HEADROOM, GrowingLayer, truncate
 from hfserve.cli import build_parser, resolve
 from hfserve.config import BatchingConfig, ModelConfig
 from hfserve.generation import SamplingParams
@@ -133,8 +133,7 @@ def test_rewind_drops_what_a_failed_step_appended():
     keys = torch.randn(2, 1, 5, 4)
     layer.update(keys, keys + 1)
     layer.update(keys[..., :1, :] * 3, keys[..., :1, :] * 3)  # the step that failed half-way
-    cache = type("Cache", (), {"layers": [layer]})()
-    _rewind(cache, 5)
+    truncate([layer], 5)
     assert torch.equal(layer.keys, keys) and torch.equal(layer.values, keys + 1)
     layer.update(keys[..., :1, :], keys[..., :1, :])  # the step again: appended once
     assert layer.keys.shape[-2] == 6 and torch.equal(layer.keys[..., 5:, :], keys[..., :1, :])

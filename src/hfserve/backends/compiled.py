@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch._dynamo.exc import TorchDynamoException
 
+from . import kv_cache
+
 logger = logging.getLogger("hfserve.backends.compiled")
 
 
@@ -76,19 +78,10 @@ class CompiledDecode:
                 logger.warning(
                     "torch.compile failed on a decode step (%s: %s); the model runs eagerly from now on",
                     type(exc).__name__,
-                    str(exc).splitlines()[0] if str(exc) else "",
+                    next(iter(str(exc).splitlines()), ""),
                 )
                 # a step compiled in pieces may have run some layers before the failure: their
                 # cache holds this step's keys already; drop them before running it again
-                _rewind(inputs["past_key_values"], inputs["attention_mask"].shape[1] - 1)
+                kv_cache.truncate(getattr(inputs["past_key_values"], "layers", None), inputs["attention_mask"].shape[1] - 1)
         return self.model(**inputs)
 
-
-def _rewind(cache: Any, length: int) -> None:
-    """Cut every layer of ``cache`` back to ``length`` positions."""
-    for layer in getattr(cache, "layers", None) or []:
-        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
-        if isinstance(keys, torch.Tensor) and keys.dim() == 4 and keys.shape[-2] > length:
-            layer.keys = keys[..., :length, :]
-        if isinstance(values, torch.Tensor) and values.dim() == 4 and values.shape[-2] > length:
-            layer.values = values[..., :length, :]

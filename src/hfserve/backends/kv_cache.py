@@ -92,3 +92,12 @@ def grow_in_place(cache: Any) -> None:
             keys, values = layer.__dict__.pop("keys", None), layer.__dict__.pop("values", None)
             layer.__class__ = GrowingLayer
             layer.keys, layer.values = keys, values
+
+
+def truncate(layers: Any, length: int) -> None:
+    """Cut the KV cache ``layers`` that hold more than ``length`` positions back to their first
+    ``length`` (what a failed forward pass appended is dropped before the step runs again)."""
+    for layer in layers or ():
+        if layer.get_seq_length() > length:
+            layer.keys = layer.keys[..., :length, :]
+            layer.values = layer.values[..., :length, :]

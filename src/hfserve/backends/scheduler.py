@@ -883,15 +883,9 @@ class GenerationScheduler:
             self._cohorts.remove(cohort)
             return
         logger.warning("a batched decode step of %d requests failed (%s); running them one by one", len(jobs), type(exc).__name__)
-        length = cohort.mask.shape[1] if cohort.mask is not None else None
-        for layer in self._self_attention_layers(cohort.cache):
-            seq = layer.get_seq_length()
-            if length is None:
-                # encoder-decoder: every row has the same decoder length, the step count
-                length = cohort.rows[0].job.step
-            if seq > length:
-                layer.keys = layer.keys[..., :length, :]
-                layer.values = layer.values[..., :length, :]
+        # encoder-decoder (no mask): every row has the same decoder length, the step count
+        length = cohort.mask.shape[1] if cohort.mask is not None else cohort.rows[0].job.step
+        kv_cache.truncate(self._self_attention_layers(cohort.cache), length)
         position = self._cohorts.index(cohort)
         self._cohorts.remove(cohort)
         for job in jobs:
