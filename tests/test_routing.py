@@ -13,7 +13,8 @@ from typing import Any
 from unittest import mock
 
 import pytest
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
+from fastapi.routing import request_response as fastapi_request_response
 
 from hfserve.api import kserve_v1, kserve_v2, openai, scoring
 from hfserve.api.routing import ContractRoute, RouteFacts, RouteIndex
@@ -206,14 +207,99 @@ def test_family_of_a_path_no_route_takes(prefix, path, family):
     assert handling.family({"path": path, "state": {}}) == family
 
 
-def test_request_only_endpoints_are_called_directly():
-    """The model routes take only the request: they skip FastAPI's dependency solving. Routes
-    with path parameters or a response model keep FastAPI's handler."""
+def test_request_and_string_parameter_endpoints_are_called_directly():
+    """The model routes take the request and string path parameters: they skip FastAPI's
+    dependency solving. A route with a response model keeps FastAPI's handler."""
 
     def direct(router):
         return {r.path for r in router.routes if r._direct_handler()}
 
-    assert {"/completions", "/chat/completions", "/embeddings"} <= direct(openai.router)
+    assert {"/completions", "/chat/completions", "/embeddings", "/models/{model_id:path}"} <= direct(openai.router)
     assert {"/rerank", "/score"} <= direct(scoring.router)
-    assert not direct(kserve_v2.router) & {"/v2/models/{name}/infer", "/v2/models/{name}"}
-    assert not direct(kserve_v1.router)
+    assert {"/models/{name}/infer", "/models/{name}/versions/{version}/infer", "/models/{name}",
+            "/models/{name}/ready", "/health/ready", ""} <= {p.removeprefix("/v2") for p in direct(kserve_v2.router)}
+    assert {"/v1/models/{name:model}", "/v1/models/{name:model}:predict"} <= direct(kserve_v1.router)
+
+
+def test_direct_handler_is_refused_what_it_cannot_pass():
+    """Parameters that are not strings of the path (or defaulted strings of the query) leave the
+    route to FastAPI."""
+    router = APIRouter(route_class=ContractRoute)
+
+    @router.get("/a/{n:int}")
+    @ContractRoute.declare("v2")
+    async def typed(request: Request, n: int) -> dict:
+        return {}
+
+    @router.get("/b")
+    @ContractRoute.declare("v2")
+    async def required_query(request: Request, q: str) -> dict:
+        return {}
+
+    @router.get("/c/{n}")
+    @ContractRoute.declare("v2")
+    async def variadic(request: Request, *n: str) -> dict:
+        return {}
+
+    @router.get("/d", response_model=RouteFacts)
+    @ContractRoute.declare("v2")
+    async def modelled(request: Request) -> Any:
+        return {}
+
+    assert not [r.path for r in router.routes if r._direct_handler()]
+
+
+# requests whose answers must not depend on who calls the endpoint
+SAME_ANSWER = [
+    ("GET", "/v2", None),
+    ("GET", "/v2/models", None),
+    ("GET", "/v1/models", None),
+    ("GET", "/v2/models/fake", None),
+    ("GET", "/v2/models/fake?version=1", None),
+    ("GET", "/v2/models/fake?version=7", None),
+    ("GET", "/v2/models/fake?version=7&version=1", None),
+    ("GET", "/v2/models/fake/versions/1", None),
+    ("GET", "/v2/models/fake/versions/7/ready", None),
+    ("GET", "/v2/models/nope/ready", None),
+    ("GET", "/v2/models/fa%20ke/ready", None),
+    ("GET", "/v1/models/fake", None),
+    ("GET", "/v1/models/nope", None),
+    ("GET", "/openai/v1/models/fake", None),
+    ("GET", "/openai/v1/models/org/fake", None),
+    ("POST", "/v2/models/fake/infer", {"inputs": 3}),
+    ("POST", "/v2/models/fake/versions/2/infer", {"inputs": []}),
+    ("POST", "/v2/models/fake/generate", {"text_input": "hi", "parameters": {"max_tokens": 2}}),
+    ("POST", "/v1/models/fake:predict", {"instances": 3}),
+    ("POST", "/v1/models/nope:predict", {"instances": ["x"]}),
+]
+
+
+@pytest.mark.anyio
+async def test_direct_handlers_answer_as_fastapi_does():
+    """Every request above gets the same status and body from the direct handlers as from
+    FastAPI's own handler (the direct one switched off)."""
+    from tests.fakes import fake_server
+
+    async def answers():
+        out = []
+        async with fake_server() as srv:
+            for method, path, body in SAME_ANSWER:
+                resp = await srv.client.request(method, path, json=body)
+                answer = resp.json()
+                answer.pop("created", None)  # the time the fake server started
+                out.append((method, path, resp.status_code, resp.headers.get("x-error-code"), answer))
+        return out
+
+    direct = await answers()
+    routes = [r for module in (kserve_v1, kserve_v2, openai) for r in module.router.routes if isinstance(r, ContractRoute)]
+    apps = [r.app for r in routes]
+    try:
+        with mock.patch.object(ContractRoute, "_direct_handler", lambda self: None):
+            for route in routes:  # as APIRoute builds it, with FastAPI's handler
+                route.app = fastapi_request_response(route.get_route_handler())
+        reference = await answers()
+    finally:
+        for route, app in zip(routes, apps):
+            route.app = app
+    assert direct == reference
+    assert {status for *_, status, _, _ in direct} >= {200, 400, 404}

@@ -27,7 +27,8 @@ logger = logging.getLogger("hfserve.errors")
 #: the HTTP API families: each renders its errors in its own shape; "other" (``/``, ``/metrics``)
 #: uses the KServe shape
 Family = Literal["openai", "v1", "v2", "other"]
-Renderer = Callable[[errors.HFServeError], Response]
+#: a family's error response: the error, and the headers every family sends with it
+Renderer = Callable[[errors.HFServeError, dict[str, str]], Response]
 
 #: status logged for a request whose client went away (nginx's convention)
 CLIENT_CLOSED = 499
@@ -81,11 +82,7 @@ class ErrorHandling:
     def render_for(self, scope: Scope, rid: str, exc: BaseException) -> Response:
         family = self.family(scope)
         err = self.contract_error(family, rid, exc)
-        response = self.renderers[family](err)
-        response.headers["x-error-code"] = err.code
-        for name, value in err.headers().items():
-            response.headers[name] = value
-        return response
+        return self.renderers[family](err, {"x-error-code": err.code, **err.headers()})
 
     def render(self, request: Request, exc: BaseException) -> Response:
         return self.render_for(request.scope, request_id(request), exc)

@@ -58,8 +58,8 @@ DATATYPES = {
 
 
 # --------------------------------------------------------------------- errors
-def render_error(err: errors.HFServeError) -> Response:
-    return JSONResponse({"error": err.message}, status_code=err.http_status)
+def render_error(err: errors.HFServeError, headers: dict[str, str]) -> Response:
+    return JSONResponse({"error": err.message}, status_code=err.http_status, headers=headers)
 
 
 def error_event(err: errors.HFServeError) -> str:

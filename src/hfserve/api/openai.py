@@ -61,8 +61,8 @@ def error_body(err: errors.HFServeError) -> dict[str, Any]:
     return {"error": {"message": err.message, "type": err.error_class.openai_type, "param": err.param, "code": err.code}}
 
 
-def render_error(err: errors.HFServeError) -> Response:
-    return JSONResponse(error_body(err), status_code=err.http_status)
+def render_error(err: errors.HFServeError, headers: dict[str, str]) -> Response:
+    return JSONResponse(error_body(err), status_code=err.http_status, headers=headers)
 
 
 def error_event(err: errors.HFServeError) -> str:
