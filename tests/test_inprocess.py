@@ -293,9 +293,13 @@ async def test_overloaded_on_every_family(fake):
     while srv.backend.running == 0:  # the one slot is taken
         await asyncio.sleep(0.01)
     try:
-        for path, body in [*one_request_per_family("hi"), ("/openai/v1/embeddings", {"model": "fake", "input": "x"})]:
+        for path, body in one_request_per_family("hi"):
             msg = assert_error(await srv.post(path, body), "overloaded", param=None)
             assert "limit of 1 concurrent requests and 0 queued" in msg
+        # a request that cannot succeed is told why, not that the server is busy
+        embeddings = await srv.post("/openai/v1/embeddings", {"model": "fake", "input": "x"})
+        assert_error(embeddings, "unsupported_task", param=None)
+        assert_error(await srv.post("/openai/v1/completions", {"model": "nope", "prompt": "x"}), "model_not_found")
         # health, readiness and metrics are not model work: they still answer
         for path in ["/v2/health/ready", "/metrics", "/v1/models/fake"]:
             assert (await srv.client.get(path)).status_code == 200

@@ -122,12 +122,57 @@ def test_only_model_work_takes_an_admission_slot():
             assert_error(await client.get("/v1/models/m:predict"), "method_not_allowed", param=None)
             assert_error(await client.post("/v1/models/m:explain", json={"instances": ["x"]}), "not_found", param=None)
             assert (await client.get("/metrics")).status_code == 200
-            for path, body in [
-                ("/v1/models/m:predict", {"instances": ["x"]}),
-                ("/v2/models/m/infer", {"inputs": [{"name": "i", "shape": [1], "datatype": "BYTES", "data": ["x"]}]}),
-                ("/openai/v1/embeddings", {"model": "m", "input": "x"}),
-            ]:
+            for path, body in VALID_MODEL_WORK.items():
                 assert_error(await client.post(path, json=body), "overloaded", param=None)
+        assert app.state.admission.active == 0
+
+    asyncio.run(run())
+
+
+# a valid request for every model-work route (tests/test_routing.py: FACTS)
+VALID_MODEL_WORK = {
+    "/v1/models/m:predict": {"instances": ["x"]},
+    "/v2/models/m/infer": {"inputs": [{"name": "i", "shape": [1], "datatype": "BYTES", "data": ["x"]}]},
+    "/v2/models/m/versions/1/infer": {"inputs": [{"name": "i", "shape": [1], "datatype": "BYTES", "data": ["x"]}]},
+    "/v2/models/m/generate": {"text_input": "x"},
+    "/v2/models/m/versions/1/generate": {"text_input": "x"},
+    "/v2/models/m/generate_stream": {"text_input": "x"},
+    "/v2/models/m/versions/1/generate_stream": {"text_input": "x"},
+    "/openai/v1/completions": {"model": "m", "prompt": "x"},
+    "/openai/v1/chat/completions": {"model": "m", "messages": [{"role": "user", "content": "x"}]},
+    "/openai/v1/embeddings": {"model": "m", "input": "x"},
+    "/openai/v1/rerank": {"model": "m", "query": "q", "documents": ["d"]},
+    "/openai/v1/score": {"model": "m", "text_1": "a", "text_2": "b"},
+}
+
+
+def test_every_model_work_route_takes_a_slot():
+    """Every route declared as model work is listed above, so the test before reaches its admission."""
+    app = in_process_app()
+    declared = {
+        route.path.replace("{name}", "m").replace("{name:model}", "m").replace("{version}", "1")
+        for route in app.router.routes
+        if getattr(route, "facts", None) is not None and route.facts.model_work
+    }
+    assert declared == set(VALID_MODEL_WORK)
+
+
+def test_invalid_requests_are_answered_while_every_slot_is_busy():
+    """A malformed request is not queued behind model work nor refused as overloaded: it gets
+    its invalid_request at once, on every model-work route, with the one slot taken and a queue
+    it could wait in."""
+    app = in_process_app(max_concurrent_requests=1, max_queue_size=4)
+
+    async def run() -> None:
+        async with app.state.admission.slot(), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://test"
+        ) as client:
+            for path, body in VALID_MODEL_WORK.items():
+                bad = {**body, "no_such_field": 1}
+                resp = await asyncio.wait_for(client.post(path, json=bad), 5)
+                assert_error(resp, "invalid_request")
+                assert_error(await asyncio.wait_for(client.post(path, content=b"{not json"), 5), "invalid_request")
+            assert app.state.admission.waiting == 0
         assert app.state.admission.active == 0
 
     asyncio.run(run())

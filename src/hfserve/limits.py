@@ -1,7 +1,8 @@
 """Admission control, deadlines and API keys: what protects the model from its clients.
 
 Model work (every HTTP route that declares it, see ``RouteFacts`` in :mod:`hfserve.api.routing`;
-every gRPC ModelInfer) takes a slot from :class:`Admission` before it runs: at most
+every gRPC ModelInfer) takes a slot from :class:`Admission` before it runs (an HTTP request once
+it is known to be valid: a malformed one is answered at once, even when every slot is busy): at most
 ``max_concurrent`` run, at most ``max_queue`` wait, the rest are ``overloaded``. A request's
 deadline (``--request_timeout_seconds`` or the client's ``x-request-timeout`` header) bounds its
 wait and its work; when it passes, the work is cancelled and the client gets ``timeout``. Routes
@@ -38,6 +39,15 @@ class Admission:
 
     @contextlib.asynccontextmanager
     async def slot(self, deadline: Deadline | None = None) -> AsyncIterator[None]:
+        await self.acquire(deadline)
+        try:
+            yield
+        finally:
+            self.release()
+
+    async def acquire(self, deadline: Deadline | None = None) -> None:
+        """Take a slot (wait in the queue, within ``deadline``), or raise ``overloaded``; give it
+        back with :meth:`release`."""
         if self._sem is not None:
             if self._sem.locked() and self.waiting >= self.max_queue:
                 raise errors.Overloaded(
@@ -55,14 +65,13 @@ class Admission:
                 self.waiting -= 1
         self.active += 1
         self._idle.clear()
-        try:
-            yield
-        finally:
-            self.active -= 1
-            if self._sem is not None:
-                self._sem.release()
-            if self.active == 0:
-                self._idle.set()
+
+    def release(self) -> None:
+        self.active -= 1
+        if self._sem is not None:
+            self._sem.release()
+        if self.active == 0:
+            self._idle.set()
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no request holds a slot; False if ``timeout`` passed first."""

@@ -14,7 +14,7 @@ from .. import errors
 from ..predict import predict
 from ..service import ModelService
 from .kserve_v2 import render_error
-from .routing import ContractRoute, json_schema_body, read_json, request_id, until_disconnect
+from .routing import ContractRoute, admit, json_schema_body, read_json, request_id, until_disconnect
 
 __all__ = ["router", "render_error"]
 
@@ -75,6 +75,7 @@ async def predict_route(request: Request, name: str) -> dict[str, Any]:
     service.check_name(name)
     service.check_ready()
     texts, key = _texts(body)
+    await admit(request)
     result = await until_disconnect(request, predict(service, texts, body.parameters, request_id(request), param=key))
     return {"predictions": result.predictions, **result.v1_extra}
 

@@ -26,6 +26,7 @@ from ..validation import check_content_type, load_json, validate
 from .routing import (
     ContractRoute,
     JSONResponse,
+    admit,
     dump_json,
     json_schema_body,
     read_json,
@@ -330,6 +331,7 @@ async def infer(request: Request, name: str, version: str | None = None) -> Resp
     texts = input_texts(req, raw)
     binary = wants_binary(req)
     params = {k: v for k, v in (req.parameters or {}).items() if k != "binary_data_output"}
+    await admit(request)
     result: Prediction = await until_disconnect(
         request, predict(service, texts, params or None, request_id(request), param="inputs.0.data")
     )
@@ -356,6 +358,7 @@ async def _prepare_generate(request: Request, name: str, version: str | None) ->
     opts = _generate_options(body)
     if opts.n != 1:
         raise errors.UnsupportedParameter("n must be 1 on the generate routes", param="parameters.n")
+    await admit(request)
     prompt = service.tokenize(body.text_input)
     constraint = (body.parameters or {}).get("structured_outputs")
     params = service.sampling_params(

@@ -47,7 +47,17 @@ from ..scoring import embedding_dimensions
 from ..service import ModelService, cut, merge
 from ..structured import from_request as structured_output
 from ..tasks import Task
-from .routing import ContractRoute, JSONResponse, json_schema_body, read_json, request_id, sse, sse_response, until_disconnect
+from .routing import (
+    ContractRoute,
+    JSONResponse,
+    admit,
+    json_schema_body,
+    read_json,
+    request_id,
+    sse,
+    sse_response,
+    until_disconnect,
+)
 
 router = APIRouter(route_class=ContractRoute, tags=["openai"])
 
@@ -280,6 +290,7 @@ async def create_completion(request: Request) -> Response:
             f"best_of ({body.best_of}) different from n ({body.n}) is not supported; remove best_of", param="best_of"
         )
     _check_stream_options(body)
+    await admit(request)
     prompts = _prompts(service, body.prompt, service.truncation(body.truncate_prompt_tokens, generative=True))
     want_prompt_lp = body.logprobs if (body.echo and body.logprobs is not None) else None
     constraint = _structured(body)
@@ -521,6 +532,7 @@ async def create_chat_completion(request: Request) -> Response:
     service.require("the chat completions route", *GENERATIVE)
     _check_chat_options(service, body)
     plan = _tool_plan(service, body)
+    await admit(request)
     prompt = service.render_chat(
         body.messages,
         chat_template=body.chat_template,
@@ -679,6 +691,7 @@ async def create_embeddings(request: Request) -> Response:
     body = await read_json(request, EmbeddingRequest)
     _check_model(service, body.model)
     service.require("the embeddings route", Task.text_embedding)
+    await admit(request)
     inp = body.input
     # over-long inputs: cut to the request's truncate_prompt_tokens, else as the server says
     keep = service.truncation(body.truncate_prompt_tokens, generative=False)

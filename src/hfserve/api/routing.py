@@ -27,7 +27,7 @@ from starlette.types import Receive, Scope, Send
 from .. import errors
 from ..error_handling import CLIENT_CLOSED, FAMILY_KEY, Family
 from ..error_handling import request_id as request_id  # re-exported: the families import it from here
-from ..limits import TIMEOUT_HEADER, Deadline, check_api_key, deadline_of, parse_timeout
+from ..limits import TIMEOUT_HEADER, Admission, Deadline, check_api_key, deadline_of, parse_timeout
 from ..validation import parse_body
 
 logger = logging.getLogger("hfserve.api")
@@ -67,8 +67,10 @@ class ContractRoute(APIRoute):
     its family's renderer.
 
     When a request matches its path and method, the route records its family in the request's
-    state, checks the API key (unless the route is public), sets the request's deadline, counts
-    the request in flight and, for model work, holds an admission slot until the response
+    state, checks the API key (unless the route is public), sets the request's deadline and counts
+    the request in flight. A model-work endpoint takes its admission slot with :func:`admit` once
+    its request is known to be valid (a malformed request is answered at once, not queued behind
+    the model's work or refused as ``overloaded``); the route holds the slot until the response
     (a stream too) is complete. A request with another method is answered 405 (with ``Allow``)
     before any of that.
 
@@ -120,14 +122,14 @@ class ContractRoute(APIRoute):
         metrics = app_state.metrics
         in_flight = metrics.child(metrics.in_flight, facts.family)
         in_flight.inc()
+        ticket = state[_TICKET_KEY] = _Ticket(app_state.admission, deadline) if facts.model_work else None
         try:
-            if facts.model_work:
-                async with app_state.admission.slot(deadline):
-                    await super().handle(scope, receive, send)
-            else:
-                await super().handle(scope, receive, send)
+            await super().handle(scope, receive, send)
         finally:
             in_flight.dec()
+            if ticket is not None and ticket.held:
+                ticket.held = False
+                ticket.admission.release()
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = self._direct_handler() or super().get_route_handler()
@@ -209,6 +211,32 @@ def _plain_json(annotation: Any) -> bool:
 
 #: the annotations of parameters a direct handler passes as strings
 _STRING_HINTS: tuple[Any, ...] = (str, str | None)  # ``Optional[str]`` equals ``str | None``
+
+
+_TICKET_KEY = "admission"
+
+
+class _Ticket:
+    """A model-work request's admission: taken by :func:`admit`, given back by its route."""
+
+    __slots__ = ("admission", "deadline", "held")
+
+    def __init__(self, admission: Admission, deadline: Deadline | None):
+        self.admission = admission
+        self.deadline = deadline
+        self.held = False
+
+
+async def admit(request: Request) -> None:
+    """Take the request's admission slot (waiting in the queue within its deadline), or raise
+    ``overloaded``: what a model-work endpoint calls once its request is valid, before it
+    tokenizes or runs anything. The slot is held until the response is complete."""
+    ticket: _Ticket | None = request.scope["state"].get(_TICKET_KEY)
+    if ticket is None:
+        raise RuntimeError(f"admit() on {request.url.path}, a route not declared as model work")
+    if not ticket.held:
+        await ticket.admission.acquire(ticket.deadline)
+        ticket.held = True
 
 
 @dataclass(frozen=True)

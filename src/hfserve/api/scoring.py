@@ -14,7 +14,7 @@ from .. import errors
 from ..scoring import score_pairs
 from ..service import ModelService
 from .openai import TruncatePromptTokens
-from .routing import ContractRoute, JSONResponse, json_schema_body, read_json, until_disconnect
+from .routing import ContractRoute, JSONResponse, admit, json_schema_body, read_json, until_disconnect
 
 router = APIRouter(route_class=ContractRoute, tags=["openai"])
 
@@ -56,6 +56,7 @@ async def rerank(request: Request) -> Response:
     service.check_name(body.model, param="model")
     if not body.documents:
         raise errors.InvalidRequest("documents must contain at least one document", param="documents")
+    await admit(request)
     keep = service.truncation(body.truncate_prompt_tokens, generative=False)
     n = len(body.documents)
     result = await until_disconnect(
@@ -105,6 +106,7 @@ async def score(request: Request) -> Response:
         )
     if len(firsts) == 1:
         firsts = firsts * len(seconds)
+    await admit(request)
     keep = service.truncation(body.truncate_prompt_tokens, generative=False)
     result = await until_disconnect(
         request,
