@@ -7,7 +7,8 @@ one event loop (uvloop where installed, as the server runs), one request after a
 no server and no client: an embedding model whose backend answers at once (384 zeros per
 input, the size of all-MiniLM-L6-v2's vectors) and tokenizes by splitting on spaces. Reports
 microseconds of process CPU per request for a v2 infer, a v1 predict, an OpenAI embeddings
-call and a 404, the best of ``--runs`` runs (noise on a shared machine only slows a run down).
+call, a 404, a readiness probe and a request of each family rejected by validation (400), the
+best of ``--runs`` runs (noise on a shared machine only slows a run down).
 The FastAPI version is printed with the figures: the route dispatch differs between versions.
 """
 
@@ -44,6 +45,11 @@ REQUESTS: dict[str, tuple[str, str, Any, int]] = {
     "v1 predict": ("POST", f"/v1/models/{MODEL}:predict", {"instances": ["hello world"]}, 200),
     "openai embeddings": ("POST", "/openai/v1/embeddings", {"model": MODEL, "input": "hello world"}, 200),
     "404": ("GET", "/no/such/route", None, 404),
+    # the error path (issue 16: a rejected request next to a readiness probe)
+    "v2 ready": ("GET", "/v2/health/ready", None, 200),
+    "v2 infer rejected": ("POST", f"/v2/models/{MODEL}/infer", {"inputs": 3}, 400),
+    "v1 predict rejected": ("POST", f"/v1/models/{MODEL}:predict", {"instances": 3}, 400),
+    "openai rejected": ("POST", "/openai/v1/embeddings", {"model": MODEL, "input": "hi", "dimensions": -1}, 400),
 }
 
 
@@ -148,7 +154,7 @@ def main() -> None:
     loop.close()
     print(f"FastAPI {fastapi.__version__}: CPU per request (best of {args.runs} runs of {args.requests})")
     for name, micros in results.items():
-        print(f"  {name:<18} {micros:7.1f} µs")
+        print(f"  {name:<20} {micros:7.1f} µs")
 
 
 if __name__ == "__main__":

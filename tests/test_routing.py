@@ -271,6 +271,13 @@ SAME_ANSWER = [
     ("POST", "/v2/models/fake/generate", {"text_input": "hi", "parameters": {"max_tokens": 2}}),
     ("POST", "/v1/models/fake:predict", {"instances": 3}),
     ("POST", "/v1/models/nope:predict", {"instances": ["x"]}),
+    ("POST", "/v1/models/fake:predict", {"instances": ["hi"], "parameters": {"max_tokens": 3}}),
+]
+# the same on an embedding model: answers made of many floats
+SAME_ANSWER_EMBEDDING = [
+    ("POST", "/v1/models/fake:predict", {"instances": ["a b", "c"]}),
+    ("POST", "/v2/models/fake/infer", {"inputs": [{"name": "input-0", "shape": [2], "datatype": "BYTES", "data": ["a", "b c"]}]}),
+    ("POST", "/openai/v1/embeddings", {"model": "fake", "input": ["a", "b"]}),
 ]
 
 
@@ -278,16 +285,19 @@ SAME_ANSWER = [
 async def test_direct_handlers_answer_as_fastapi_does():
     """Every request above gets the same status and body from the direct handlers as from
     FastAPI's own handler (the direct one switched off)."""
+    from hfserve.tasks import Task
     from tests.fakes import fake_server
 
     async def answers():
         out = []
-        async with fake_server() as srv:
-            for method, path, body in SAME_ANSWER:
-                resp = await srv.client.request(method, path, json=body)
-                answer = resp.json()
-                answer.pop("created", None)  # the time the fake server started
-                out.append((method, path, resp.status_code, resp.headers.get("x-error-code"), answer))
+        for task, requests in ((Task.text_generation, SAME_ANSWER), (Task.text_embedding, SAME_ANSWER_EMBEDDING)):
+            async with fake_server(task) as srv:
+                for method, path, body in requests:
+                    resp = await srv.client.request(method, path, json=body)
+                    answer = resp.json()
+                    for key in ("created", "id"):  # the time of the request, a fresh id
+                        answer.pop(key, None)
+                    out.append((method, path, resp.status_code, resp.headers.get("x-error-code"), answer))
         return out
 
     direct = await answers()

@@ -193,8 +193,12 @@ class ContractRoute(APIRoute):
                 for name, default in query:
                     kwargs[name] = params.get(name, default)
             result = await endpoint(**kwargs)
-            # a plain value is rendered as FastAPI renders it without a response model
-            return result if isinstance(result, Response) else JSONResponse(jsonable_encoder(result))
+            if isinstance(result, Response):
+                return result
+            try:  # plain JSON (an embedding's floats: jsonable_encoder walks them in Python, ~10x slower)
+                return JSONResponse(result)
+            except TypeError:  # anything else as FastAPI renders it without a response model
+                return JSONResponse(jsonable_encoder(result))
 
         return direct
 
