@@ -127,9 +127,8 @@ class ContractRoute(APIRoute):
             await super().handle(scope, receive, send)
         finally:
             in_flight.dec()
-            if ticket is not None and ticket.held:
-                ticket.held = False
-                ticket.admission.release()
+            if ticket is not None:
+                ticket.release()
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = self._direct_handler() or super().get_route_handler()
@@ -230,6 +229,16 @@ class _Ticket:
         self.deadline = deadline
         self.held = False
 
+    async def take(self) -> None:
+        if not self.held:
+            await self.admission.acquire(self.deadline)
+            self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self.admission.release()
+
 
 async def admit(request: Request) -> None:
     """Take the request's admission slot (waiting in the queue within its deadline), or raise
@@ -238,9 +247,7 @@ async def admit(request: Request) -> None:
     ticket: _Ticket | None = request.scope["state"].get(_TICKET_KEY)
     if ticket is None:
         raise RuntimeError(f"admit() on {request.url.path}, a route not declared as model work")
-    if not ticket.held:
-        await ticket.admission.acquire(ticket.deadline)
-        ticket.held = True
+    await ticket.take()
 
 
 @dataclass(frozen=True)
