@@ -54,7 +54,7 @@ from ..tasks import (
     sentence_transformers_pooling,
     text_generation_auto_class,
 )
-from . import cpu_linear, cpu_threads, kv_cache
+from . import cpu_linear, cpu_threads, kv_cache, mixed_step
 from .base import Backend, resolve_dtype
 from .batching import BatchWindow, MicroBatcher
 from .compiled import CompiledDecode
@@ -321,6 +321,8 @@ class HuggingFaceBackend(Backend):
                 run_model=None if self.lora is None else self.lora.run,
                 max_adapters=lora_config.max_loras if self.lora is not None else None,
                 forward=self.compiled,
+                # joining prompts ride in the running batch's decode step (not with per-row adapters or a compiled step)
+                fold_prompts=self.lora is None and self.compiled is None and mixed_step.enable(self.model),
             )
             self.grammar = self._grammar_engine()
             engine_stats = EngineStats(

@@ -27,7 +27,10 @@ How a request flows
    Decoder-only models: the requests admitted together share one left-padded prefill
    (a request that wants prompt log-probabilities needs every position's logits and
    prefills alone); the new rows' KV cache is left-padded and concatenated into the
-   running cohort (:meth:`_merge`), when the model's cache allows it. Encoder-decoder
+   running cohort (:meth:`_merge`), when the model's cache allows it. While a cohort runs,
+   requests that arrive get no prefill pass of their own when the model's attention can
+   fold (:mod:`.mixed_step`): chunks of their prompts ride in the cohort's decode steps
+   (:meth:`_forward_mixed`), and each joins the cohort once its last chunk ran. Encoder-decoder
    models: the admitted requests are encoded together and form a new cohort that runs
    beside the older ones (:meth:`_encode`).
 4. Each step (:meth:`_step`), per cohort: every request's rows get their next token
@@ -85,7 +88,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from .. import errors
 from ..generation import SamplingParams, SequenceDelta, TokenLogprob, coalesce
-from . import kv_cache, sampler
+from . import kv_cache, mixed_step, sampler
 from .batching import BatchWindow
 from .padding import pad_batch
 from .sampler import LogitsProcessor
@@ -96,6 +99,40 @@ from .tokenizing import Detokenizer
 logger = logging.getLogger("hfserve.backends.scheduler")
 
 _DONE = object()
+_NO_MASK = torch.ones((1, 1, 1, 1), dtype=torch.bool)  # see _forward_mixed
+
+
+class _Layer:
+    """One layer's keys and values, as :meth:`GenerationScheduler._merge` reads a cache layer."""
+
+    __slots__ = ("keys", "values")
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        self.keys, self.values = keys, values
+
+
+class _Joining:
+    """A started request whose prompt goes into the running cohort's decode steps, chunk by chunk."""
+
+    __slots__ = ("job", "done", "kv")
+
+    def __init__(self, job: _Job):
+        self.job = job
+        self.done = 0  # prompt tokens whose keys and values are in ``kv``
+        self.kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer, [1, heads, done, dim]
+
+    @property
+    def remaining(self) -> int:
+        return len(self.job.prompt_ids) - self.done
+
+
+class _Layers:
+    """The per-layer keys and values of rows that join a cohort (a cache with ``layers``)."""
+
+    __slots__ = ("layers",)
+
+    def __init__(self, layers: list[_Layer]):
+        self.layers = layers
 
 
 class _Outbox:
@@ -267,6 +304,7 @@ class GenerationScheduler:
         run_model: Callable[..., Any] | None = None,
         max_adapters: int | None = None,
         forward: Callable[..., Any] | None = None,
+        fold_prompts: bool = False,
     ):
         self.model = model
         #: what runs the model's forward passes (``--compile``: a :class:`~.compiled.CompiledDecode`)
@@ -275,6 +313,8 @@ class GenerationScheduler:
         self.run_with_adapters = run_model
         #: LoRA: the most different adapters among the running rows (None: no limit)
         self.max_adapters = max_adapters
+        #: the model's attention can fold joining prompts into decode steps (see :mod:`.mixed_step`)
+        self.fold_prompts = fold_prompts
         self.device = device
         self.eos_token_ids = eos_token_ids
         self.pad_token_id = pad_token_id
@@ -295,6 +335,10 @@ class GenerationScheduler:
         #: vLLM-named statistics (None: not kept); see :meth:`attach_stats`
         self.engine_stats: EngineStats | None = None
         self._admitting: list[_Job] = []  # taken from the queue, being prefilled
+        #: started requests whose prompts go into the running cohort's decode steps, chunk by chunk
+        self._joining: list[_Joining] = []
+        #: a decode step with prompts in it is filled to a multiple of this many tokens (see mixed_step)
+        self.token_block, self.most_prompt_tokens = (16, 256) if device.type == "cpu" else (1, 2048)
         #: the decode loop's last sign of progress (monotonic), read by the stall watchdog
         self.progress_at = time.monotonic()
 
@@ -374,7 +418,7 @@ class GenerationScheduler:
             else:  # encoder-decoder: the decoder's steps and the cross-attention's encoder length
                 length = (rows[0].job.step if rows else 0) + (int(enc.shape[1]) if enc is not None else 0)
             snap.kv_positions += length * len(rows)
-        for job in list(self._admitting):
+        for job in [*self._admitting, *(joining.job for joining in list(self._joining))]:
             if not job.done:
                 snap.running += job.rows
                 if job.adapter is not None:
@@ -390,7 +434,7 @@ class GenerationScheduler:
         """None when the decode loop has nothing to do; else the time since which it has made no
         progress (its last step, or the oldest waiting request's arrival if later)."""
         incoming = list(self._incoming)
-        if not self._cohorts and not self._admitting and not incoming:
+        if not self._cohorts and not self._admitting and not self._joining and not incoming:
             return None
         since = self.progress_at
         if incoming:
@@ -425,11 +469,15 @@ class GenerationScheduler:
                 with torch.inference_mode():
                     if new:
                         self._admitting = new
-                        self._admit(new)
+                        joining = self._foldable(new)
+                        rest = [job for job in new if job not in joining]
+                        if rest:
+                            self._admit(rest)
+                        self._joining.extend(_Joining(job) for job in self._start_jobs(joining))
                         self._admitting = []
                         self.progress_at = time.monotonic()
-                    for cohort in list(self._cohorts):
-                        self._step(cohort)
+                    for i, cohort in enumerate(list(self._cohorts)):
+                        self._step(cohort, fold=i == 0)
                         self.progress_at = time.monotonic()
             except Exception as exc:  # never let the scheduler die
                 logger.exception("generation scheduler failed; failing the running requests")
@@ -437,9 +485,9 @@ class GenerationScheduler:
                     for job in cohort.jobs:
                         job.finish(exc)
                 self._cohorts = []
-                for job in self._admitting:
+                for job in [*self._admitting, *(joining.job for joining in self._joining)]:
                     job.finish(exc)
-                self._admitting = []
+                self._admitting, self._joining = [], []
             finally:
                 self._flush_outboxes()
 
@@ -449,7 +497,7 @@ class GenerationScheduler:
             outbox.flush()
 
     def _active_rows(self) -> int:
-        return sum(len(c.rows) for c in self._cohorts)
+        return sum(len(c.rows) for c in self._cohorts) + sum(joining.job.rows for joining in self._joining)
 
     def _take_incoming(self) -> list[_Job] | None:
         """The requests to admit now (waiting for the batch window when idle); None to stop."""
@@ -457,10 +505,11 @@ class GenerationScheduler:
             while not self._cohorts and not self._incoming and not self._stopping:
                 self._cv.wait()
             if self._stopping:
-                for job in [*self._incoming, *(job for cohort in self._cohorts for job in cohort.jobs)]:
+                running = [job for cohort in self._cohorts for job in cohort.jobs] + [joining.job for joining in self._joining]
+                for job in [*self._incoming, *running]:
                     job.finish(errors.ModelNotReady("The model is shutting down; retry on another replica", retry_after=1))
                 self._incoming.clear()
-                self._cohorts = []
+                self._cohorts, self._joining = [], []
                 return None
             idle = not self._cohorts
             if idle and self._incoming and self.window.expects_company(self._last_group):  # the batch window
@@ -519,6 +568,10 @@ class GenerationScheduler:
         if self.encoder_decoder:
             self._admit_encoder_decoder(jobs)
             return
+        self._prefill_started(self._start_jobs(jobs))
+
+    def _start_jobs(self, jobs: list[_Job]) -> list[_Job]:
+        """Start each of ``jobs`` (see :meth:`_start_job`); those that could not are finished with their error."""
         started: list[_Job] = []
         for job in jobs:
             try:
@@ -527,6 +580,10 @@ class GenerationScheduler:
                 job.finish(exc)
                 continue
             started.append(job)
+        return started
+
+    def _prefill_started(self, started: list[_Job]) -> None:
+        """Decoder-only: prefill the started ``jobs`` and add their rows to the running cohort."""
         # requests admitted together share one (left-padded) prefill, as a batched ``generate`` would;
         # prompt log-probabilities need every position's logits, so those requests prefill alone
         together = [j for j in started if j.params.prompt_logprobs is None] if self._mergeable else []
@@ -544,6 +601,17 @@ class GenerationScheduler:
                 job.finish(exc)
                 continue
             self._add_cohort(cohort)
+
+    def _foldable(self, jobs: list[_Job]) -> list[_Job]:
+        """The requests among ``jobs`` whose prompts go into the running cohort's decode steps
+        (:mod:`.mixed_step`) instead of taking a prefill pass of their own: all of them that do not
+        want prompt log-probabilities (those need every position's logits), when the model can fold
+        and a cohort of base-model rows is running."""
+        if not (self.fold_prompts and self._mergeable and self._cohorts and not self.encoder_decoder):
+            return []
+        if any(row.job.adapter is not None for row in self._cohorts[0].rows):
+            return []
+        return [job for job in jobs if job.params.prompt_logprobs is None and job.adapter is None and not job.cancelled.is_set()]
 
     def _add_cohort(self, cohort: _Cohort) -> None:
         if self._mergeable and self._cohorts:
@@ -677,8 +745,9 @@ class GenerationScheduler:
         return cohort
 
     # one step ---------------------------------------------------------------
-    def _step(self, cohort: _Cohort) -> None:
-        """Sample every row, send the deltas, drop finished rows, run the next forward pass."""
+    def _step(self, cohort: _Cohort, fold: bool = False) -> None:
+        """Sample every row, send the deltas, drop finished rows, run the next forward pass (with
+        ``fold``, chunks of the joining requests' prompts in it; see :meth:`_forward_mixed`)."""
         by_job: dict[int, list[int]] = {}
         for i, row in enumerate(cohort.rows):
             if row.job.done or row.job.cancelled.is_set():
@@ -704,16 +773,38 @@ class GenerationScheduler:
         # hand this step's tokens to the event loop now, so it works on them during the forward pass
         self._flush_outboxes()
         keep = [i for i, row in enumerate(cohort.rows) if not row.finished]
+        apart: list[_Job] = []  # joining requests that get a prefill of their own after this step
+        if fold and self._joining:
+            for joining in self._joining:
+                if joining.job.cancelled.is_set():
+                    joining.job.finish()
+            self._joining = [joining for joining in self._joining if not joining.job.done]
+            if not keep:  # nothing left to fold into
+                apart, self._joining = [joining.job for joining in self._joining], []
         if not keep:
             self._cohorts.remove(cohort)
+            if apart:
+                self._prefill_started(apart)
             return
         if len(keep) < len(cohort.rows):
             self._select(cohort, keep)
         feed = torch.tensor([next_ids[i] for i in keep], dtype=torch.long, device=self.device).view(-1, 1)
+        if fold and self._joining:
+            try:
+                self._forward_mixed(cohort, feed)
+                return
+            except Exception as exc:  # noqa: BLE001 - the step and the prompts are run apart below
+                logger.warning(
+                    "a decode step with %d prompts in it failed (%s); running them apart", len(self._joining), type(exc).__name__
+                )
+                kv_cache.truncate(self._self_attention_layers(cohort.cache), cohort.mask.shape[1])
+                apart, self._joining = [joining.job for joining in self._joining], []
         try:
             self._forward_step(cohort, feed)
         except Exception as exc:  # noqa: BLE001
             self._split_after_failure(cohort, feed, exc)
+        if apart:
+            self._prefill_started(apart)
 
     def _masked_argmax(self, cohort: _Cohort, jobs: list[tuple[_Job, list[int]]]) -> dict[int, list[int]]:
         """The next tokens of the greedy jobs whose only processor is a :class:`~.sampler.RowMasker`
@@ -869,6 +960,60 @@ class GenerationScheduler:
         cohort.logits = out.logits[:, -1, :].float()
         self.stats["decode_steps"] += 1
         self.stats["max_rows"] = max(self.stats["max_rows"], feed.shape[0])
+
+    def _forward_mixed(self, cohort: _Cohort, feed: torch.Tensor) -> None:
+        """Decoder-only: the cohort's next decode step with the next chunk of each joining prompt in
+        it, as one flat sequence (:mod:`.mixed_step`; as many prompt tokens as
+        :func:`~.mixed_step.step_prompt_tokens` gives the step). A prompt whose last chunk ran joins
+        the cohort, its next logits ready for the next step."""
+        rows = feed.shape[0]
+        budget = mixed_step.step_prompt_tokens(
+            rows, sum(j.remaining for j in self._joining), block=self.token_block, most=self.most_prompt_tokens
+        )
+        chunks: list[tuple[_Joining, int]] = []
+        for joining in self._joining:
+            if budget <= 0:
+                break
+            length = min(joining.remaining, budget)
+            chunks.append((joining, length))
+            budget -= length
+        ids = feed.view(-1).tolist()
+        positions = [cohort.positions]
+        keep = list(range(rows))
+        for joining, length in chunks:
+            ids.extend(joining.job.prompt_ids[joining.done : joining.done + length])
+            positions.append(torch.arange(joining.done, joining.done + length, device=self.device))
+            if joining.done + length == len(joining.job.prompt_ids):  # the prompt's last token: its next logits
+                keep.append(len(ids) - 1)
+        mask = torch.cat([cohort.mask, torch.ones_like(cohort.mask[:, :1])], dim=1)
+        with mixed_step.MixedPass(cohort.cache, rows, [(length, joining.kv) for joining, length in chunks], mask) as step:
+            out = self._run_model(
+                [None],
+                input_ids=torch.tensor([ids], dtype=torch.long, device=self.device),
+                position_ids=torch.cat(positions).view(1, -1),
+                attention_mask=_NO_MASK,  # a 4D mask is taken as it is: the pass's attention makes its own
+                past_key_values=step,
+                use_cache=True,
+                logits_to_keep=torch.tensor(keep, dtype=torch.long, device=self.device),
+            )
+        logits = out.logits[0].float()
+        cohort.mask, cohort.positions, cohort.logits = mask, cohort.positions + 1, logits[:rows]
+        self.stats["decode_steps"] += 1
+        finished = 0
+        for i, (joining, length) in enumerate(chunks):
+            joining.kv, joining.done = step.prompt_kv(i), joining.done + length
+            if joining.remaining:
+                continue
+            job, n = joining.job, joining.job.rows
+            layers = [_Layer(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in joining.kv]
+            part = _Cohort(self._rows_of([job], logits.shape[-1]), _Layers(layers), logits[rows + finished].expand(n, -1).clone())
+            part.mask = torch.ones((n, joining.done), dtype=torch.long, device=self.device)
+            part.positions = torch.full((n,), joining.done, dtype=torch.long, device=self.device)
+            self._merge(cohort, part)
+            finished += 1
+            self.stats["folded_prompts"] = self.stats.get("folded_prompts", 0) + 1
+        self._joining = [joining for joining in self._joining if joining.remaining]
+        self.stats["max_rows"] = max(self.stats["max_rows"], len(cohort.rows))
 
     @staticmethod
     def _self_attention_layers(cache: Any) -> list[Any]:
