@@ -24,7 +24,7 @@ from hfserve import errors
 from hfserve.backends.batching import BatchWindow, MicroBatcher
 from hfserve.backends.huggingface import HuggingFaceBackend
 from hfserve.config import BatchingConfig, ModelConfig
-from hfserve.generation import SamplingParams
+from hfserve.generation import SamplingParams, coalesce
 
 SENTENCES = [f"sentence number {i} is " + "quite " * (i % 7) + "short" for i in range(24)]
 PROMPTS = ["The cat sat on", "Once upon a time", "hello", "a much longer prompt with many words in it, to pad the others"]
@@ -320,6 +320,27 @@ def test_n_rows_and_logprobs_in_a_batch(llama_backend):
     assert sum(len(token_ids) for _, token_ids, _ in flat(alone)) == 2 * 6  # n=2, 6 tokens each
     assert all(len(entries) == len(token_ids) for _, token_ids, entries in flat(alone))
     assert flat(batched) == flat(alone)
+
+
+def test_a_result_read_whole_comes_in_one_piece(llama_backend):
+    """A request whose result is not streamed (``whole``) gets its deltas in one hand-over when it
+    ends, with what the streamed request gets step by step: text, tokens, log-probabilities, finish."""
+    b = llama_backend
+    prompt = b.tokenizer(PROMPTS[1])["input_ids"]
+    params = SamplingParams(max_tokens=9, temperature=1.0, seed=5, n=2, logprobs=2, prompt_logprobs=1, stop=["zz"])
+
+    async def pieces(p):
+        return [deltas async for deltas in b.generate(prompt, p, "whole")]
+
+    streamed = run(pieces(params))
+    whole = run(pieces(SamplingParams(**{**params.__dict__, "whole": True})))
+    assert len(streamed) > 1 and len(whole) == 1
+    flat = lambda ds: {  # noqa: E731
+        d.index: (d.text, d.token_ids, [(x.token_id, round(x.logprob, 4)) for x in d.logprobs], d.finish_reason)
+        for d in coalesce([d for deltas in ds for d in deltas])
+    }
+    assert flat(whole) == flat(streamed)
+    assert len(whole[0][0].prompt_logprobs) == len(prompt)
 
 
 def test_a_logits_processor_runs_on_its_request_rows_only(llama_backend):

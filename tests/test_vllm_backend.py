@@ -345,6 +345,42 @@ def test_disconnected_stream_aborts_the_vllm_request(llama_vllm):
     assert httpx.get(f"{llama_vllm.url}/v2/health/ready", timeout=10).status_code == 200
 
 
+def test_a_client_gone_before_a_whole_result_aborts_the_vllm_request(llama_vllm):
+    """A request that is not streamed reaches vLLM as FINAL_ONLY (one output at the end, as in
+    vLLM's own server); a client that hangs up before it still gets its work aborted."""
+    url = f"{llama_vllm.openai_url}/completions"
+    before = llama_vllm.log().count("aborted vLLM request")
+    body = {
+        "model": llama_vllm.name,
+        "prompt": [f"{p} {i}" for i in range(2) for p in PROMPTS],
+        "max_tokens": 240,
+        "n": MAX_NUM_SEQS,
+        "temperature": 1.0,
+        "ignore_eos": True,
+    }
+    start = time.monotonic()
+    complete(llama_vllm, PROMPTS[0], max_tokens=20, temperature=0)
+    idle = time.monotonic() - start
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url, json=body, timeout=httpx.Timeout(60, read=1.0))  # hangs up after a second
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and llama_vllm.log().count("aborted vLLM request") == before:
+        time.sleep(0.1)
+    assert llama_vllm.log().count("aborted vLLM request") > before, llama_vllm.log()[-3000:]
+    start = time.monotonic()
+    assert complete(llama_vllm, PROMPTS[0], max_tokens=20, temperature=0).usage.completion_tokens == 20
+    assert time.monotonic() - start < idle + 1.5
+
+
+def test_whole_results_are_asked_of_vllm_in_one_piece(bare_backend):
+    from vllm.sampling_params import RequestOutputKind
+
+    from hfserve.generation import SamplingParams
+
+    assert bare_backend._vllm_params(SamplingParams(max_tokens=5), 1).output_kind == RequestOutputKind.DELTA
+    assert bare_backend._vllm_params(SamplingParams(max_tokens=5, whole=True), 1).output_kind == RequestOutputKind.FINAL_ONLY
+
+
 # ------------------------------------------------------------------ embeddings
 def test_embeddings_match_hf(minilm_vllm, minilm):
     texts = ["A cat sits on the mat.", "Quantum chromodynamics", "hello"]

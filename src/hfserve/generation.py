@@ -56,6 +56,7 @@ class SamplingParams:
     min_tokens: int = 0
     structured: StructuredOutput | None = None  # constrained decoding (validated by the service)
     adapter: str | None = None  # the LoRA adapter the request names (None: the base model)
+    whole: bool = False  # only the whole result is read (not streamed): a backend may deliver it in one piece
 
     @property
     def greedy(self) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import enum
 import json
 import logging
@@ -603,7 +604,7 @@ class ModelService:
     async def generate_full(self, prompt_ids: list[int], params: SamplingParams, request_id: str) -> Generation:
         choices = [Choice(index=i) for i in range(params.n)]
         result = Generation(choices=choices, prompt_tokens=len(prompt_ids))
-        async for deltas in self.generate(prompt_ids, params, request_id):
+        async for deltas in self.generate(prompt_ids, dataclasses.replace(params, whole=True), request_id):
             for delta in deltas:
                 if delta.prompt_logprobs is not None:
                     result.prompt_logprobs = delta.prompt_logprobs

@@ -214,20 +214,30 @@ class _Job:
         self.first_token: float | None = None
         self.last_token: float | None = None
         self.reasons: list[str] = []
+        self.held: list[SequenceDelta] = []  # params.whole: the deltas so far, sent when the request ends
 
     @property
     def rows(self) -> int:
         return self.params.n
 
     def emit(self, item: Any) -> None:
-        """Queue ``item`` for this request (decode thread only; sent at the next outbox flush)."""
-        if not self.done:
-            self.outbox.post(self, item)
+        """Queue ``item`` for this request (decode thread only; sent at the next outbox flush). A
+        request whose result is read whole (``params.whole``) gets its deltas in one piece, when it
+        ends: no hand-over to its event loop at every step."""
+        if self.done:
+            return
+        if self.params.whole and isinstance(item, list):
+            self.held.extend(item)
+            return
+        self.outbox.post(self, item)
 
     def finish(self, exc: BaseException | None = None) -> None:
         """End the request (with its own error, if any); later emits are dropped."""
         if self.done:
             return
+        if self.held:
+            self.outbox.post(self, coalesce(self.held))
+            self.held = []
         if exc is not None:
             self.emit(exc)
         self.emit(_DONE)

@@ -506,7 +506,8 @@ class VLLMBackend(Backend):
                 frequency_penalty=params.frequency_penalty,
                 repetition_penalty=params.repetition_penalty,
                 skip_special_tokens=True,
-                output_kind=RequestOutputKind.DELTA,
+                # as vLLM's own server: a result nobody streams comes in one piece, not one output per step
+                output_kind=RequestOutputKind.FINAL_ONLY if params.whole else RequestOutputKind.DELTA,
                 structured_outputs=self._structured_params(params.structured),
             )
         except ValueError as exc:
