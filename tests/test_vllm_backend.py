@@ -301,6 +301,18 @@ def test_kserve_errors_same_on_both_backends(llama_vllm, llama, path, body):
 
 
 # ------------------------------------------------------------------ cancellation
+def _seconds_of_work(server) -> dict:
+    """A completions body of 8 prompts x n=8 x 240 tokens: seconds of work for an engine that runs 8 sequences at a time."""
+    return {
+        "model": server.name,
+        "prompt": [f"{p} {i}" for i in range(2) for p in PROMPTS],
+        "max_tokens": 240,
+        "n": MAX_NUM_SEQS,
+        "temperature": 1.0,
+        "ignore_eos": True,
+    }
+
+
 def test_disconnected_stream_aborts_the_vllm_request(llama_vllm):
     """A client that goes away mid-stream gets its vLLM requests aborted.
 
@@ -310,15 +322,7 @@ def test_disconnected_stream_aborts_the_vllm_request(llama_vllm):
     """
     url = f"{llama_vllm.openai_url}/completions"
     before = llama_vllm.log().count("aborted vLLM request")
-    body = {
-        "model": llama_vllm.name,
-        "prompt": [f"{p} {i}" for i in range(2) for p in PROMPTS],
-        "max_tokens": 240,
-        "n": MAX_NUM_SEQS,
-        "temperature": 1.0,
-        "ignore_eos": True,
-        "stream": True,
-    }
+    body = {**_seconds_of_work(llama_vllm), "stream": True}
     # how long the small follow-up request takes on an idle engine
     start = time.monotonic()
     complete(llama_vllm, PROMPTS[0], max_tokens=20, temperature=0)
@@ -350,14 +354,7 @@ def test_a_client_gone_before_a_whole_result_aborts_the_vllm_request(llama_vllm)
     vLLM's own server); a client that hangs up before it still gets its work aborted."""
     url = f"{llama_vllm.openai_url}/completions"
     before = llama_vllm.log().count("aborted vLLM request")
-    body = {
-        "model": llama_vllm.name,
-        "prompt": [f"{p} {i}" for i in range(2) for p in PROMPTS],
-        "max_tokens": 240,
-        "n": MAX_NUM_SEQS,
-        "temperature": 1.0,
-        "ignore_eos": True,
-    }
+    body = _seconds_of_work(llama_vllm)
     start = time.monotonic()
     complete(llama_vllm, PROMPTS[0], max_tokens=20, temperature=0)
     idle = time.monotonic() - start
