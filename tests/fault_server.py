@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import sys
 
@@ -34,7 +35,9 @@ class FaultyBackend(HuggingFaceBackend):
                 raise RuntimeError("exploded in /secret/backend.py")
             if "HANG" in text:
                 await asyncio.Event().wait()  # never answers
-            async with contextlib.aclosing(super().generate(prompt_ids, params, request_id)) as stream:
+            # step by step even where only the whole result is read: the failure and the count need the steps
+            stepwise = dataclasses.replace(params, whole=False)
+            async with contextlib.aclosing(super().generate(prompt_ids, stepwise, request_id)) as stream:
                 async for item in stream:
                     for delta in item:  # one delta at a time (the backend may hand over several steps at once)
                         yield [delta]
