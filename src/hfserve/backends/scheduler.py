@@ -685,9 +685,13 @@ class GenerationScheduler:
         kv_cache.grow_in_place(cache)
         if n > 1:
             cache.batch_repeat_interleave(n)
-        logits = out.logits[:, -1, :].float().expand(n, -1).clone()
-        cohort = _Cohort(self._rows_of([job], logits.shape[-1]), cache, logits)
-        length = len(job.prompt_ids)
+        return self._prompt_cohort(job, cache, out.logits[0, -1, :])
+
+    def _prompt_cohort(self, job: _Job, cache: Any, logits: torch.Tensor) -> _Cohort:
+        """Decoder-only: the ``n`` rows of ``job`` after its whole prompt, unpadded, over ``cache``
+        (already ``n`` rows), each with the prompt's next ``logits`` ([vocab])."""
+        n, length = job.rows, len(job.prompt_ids)
+        cohort = _Cohort(self._rows_of([job], logits.shape[-1]), cache, logits.float().expand(n, -1).clone())
         cohort.mask = torch.ones((n, length), dtype=torch.long, device=self.device)
         cohort.positions = torch.full((n,), length, dtype=torch.long, device=self.device)
         return cohort
@@ -1014,12 +1018,9 @@ class GenerationScheduler:
             joining.kv, joining.done = step.prompt_kv(i), joining.done + length
             if joining.remaining:
                 continue
-            job, n = joining.job, joining.job.rows
-            layers = [_Layer(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in joining.kv]
-            part = _Cohort(self._rows_of([job], logits.shape[-1]), _Layers(layers), logits[rows + finished].expand(n, -1).clone())
-            part.mask = torch.ones((n, joining.done), dtype=torch.long, device=self.device)
-            part.positions = torch.full((n,), joining.done, dtype=torch.long, device=self.device)
-            self._merge(cohort, part)
+            n = joining.job.rows
+            layers = _Layers([_Layer(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in joining.kv])
+            self._merge(cohort, self._prompt_cohort(joining.job, layers, logits[rows + finished]))
             finished += 1
             self.stats["folded_prompts"] = self.stats.get("folded_prompts", 0) + 1
         self._joining = [joining for joining in self._joining if joining.remaining]
