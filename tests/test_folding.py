@@ -131,12 +131,20 @@ def test_a_bad_prompt_joining_fails_alone(backend, caplog):
     good = [ids(b, PROMPTS[1]), ids(b, LONG)]
     alone = [run(collect(b, p, greedy(8)))[0][0] for p in good]
     running = ids(b, PROMPTS[0])
-    running_alone = run(collect(b, running, greedy(30)))[0][0]
+    running_alone = run(collect(b, running, greedy(200)))[0][0]
 
     async def scenario():
-        first = asyncio.ensure_future(collect(b, running, greedy(30)))
-        while not b.scheduler.running():
-            await asyncio.sleep(0.005)
+        decoding = asyncio.Event()
+
+        async def running_request():
+            tokens = []
+            async for deltas in b.generate(running, greedy(200), "running"):
+                tokens += [t for d in deltas for t in d.token_ids]
+                decoding.set()  # its first token came: it is decoding, the others join it
+            return [tokens], None  # the shape of collect(): (token ids per sequence, text)
+
+        first = asyncio.ensure_future(running_request())
+        await decoding.wait()
         rest = await asyncio.gather(
             collect(b, good[0], greedy(8)), collect(b, [1, 10**7, 5], greedy(8), "bad"), collect(b, good[1], greedy(8)), return_exceptions=True
         )
@@ -176,6 +184,27 @@ def test_a_request_cancelled_while_joining_leaves_at_once(backend):
     assert counted == 2
     assert left
     assert other[0][0] == other_alone
+
+
+def test_a_joining_prompts_keys_and_values_count_in_the_kv_cache_usage(backend, monkeypatch):
+    """While a prompt joins chunk by chunk, the positions it already holds count in the KV-cache
+    usage (vllm:kv_cache_usage_perc) beside the running rows'."""
+    b = backend
+    seen = []  # (snapshot's positions, the running rows' positions, the joining prompts' positions)
+    forward = b.scheduler._forward_mixed
+
+    def observed(cohort, feed):  # on the decode thread, between steps: nothing moves meanwhile
+        rows = sum(int(c.mask.shape[1]) * len(c.rows) for c in b.scheduler._cohorts)
+        seen.append((b.scheduler.snapshot().kv_positions, rows, sum(j.done for j in b.scheduler._joining)))
+        return forward(cohort, feed)
+
+    monkeypatch.setattr(b.scheduler, "_forward_mixed", observed)
+    monkeypatch.setattr(b.scheduler, "token_block", 1)
+    monkeypatch.setattr(b.scheduler, "most_prompt_tokens", 4)
+    run(joined(b, ids(b, PROMPTS[0]), [(ids(b, LONG), greedy(2))]))
+    partial = [(total, rows, done) for total, rows, done in seen if done]
+    assert partial, "the prompt never stood half-joined"
+    assert all(total == rows + done for total, rows, done in partial)
 
 
 def test_prompt_logprobs_are_prefilled_apart(backend):

@@ -166,7 +166,7 @@ class HuggingFaceBackend(Backend):
         self.max_num_seqs = self.max_batch_size if max_num_seqs is None else max(1, int(max_num_seqs))
         self.window = BatchWindow.from_ms(max_batch_wait_ms, batch_idle_ms)
         #: counters for tests and benchmarks: encoder forward passes, generation prefills and decode steps
-        self.stats: dict[str, int] = {"encoder_forwards": 0, "prefills": 0, "decode_steps": 0, "max_rows": 0}
+        self.stats: dict[str, int] = {"encoder_forwards": 0, "prefills": 0, "decode_steps": 0, "folded_prompts": 0, "max_rows": 0}
         # the parts, built once the model is loaded (the scheduler for generative models only)
         self.encoders: EncoderTasks | None = None
         self.scheduler: GenerationScheduler | None = None

@@ -428,6 +428,9 @@ class GenerationScheduler:
             else:  # encoder-decoder: the decoder's steps and the cross-attention's encoder length
                 length = (rows[0].job.step if rows else 0) + (int(enc.shape[1]) if enc is not None else 0)
             snap.kv_positions += length * len(rows)
+        for joining in list(self._joining):
+            if not joining.job.done:
+                snap.kv_positions += joining.done  # the prompt's keys and values computed so far
         for job in [*self._admitting, *(joining.job for joining in list(self._joining))]:
             if not job.done:
                 snap.running += job.rows
@@ -1022,7 +1025,7 @@ class GenerationScheduler:
             layers = _Layers([_Layer(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in joining.kv])
             self._merge(cohort, self._prompt_cohort(joining.job, layers, logits[rows + finished]))
             finished += 1
-            self.stats["folded_prompts"] = self.stats.get("folded_prompts", 0) + 1
+            self.stats["folded_prompts"] += 1
         self._joining = [joining for joining in self._joining if joining.remaining]
         self.stats["max_rows"] = max(self.stats["max_rows"], len(cohort.rows))
 
