@@ -14,11 +14,15 @@ product beats oneDNN's there) and 8 and 16 no faster, so float32 weights stay as
 ``weight.shape`` stay), each holding its packed weight. The plain weight's storage is
 released (its parameter becomes a zero-strided view of one element, with the same
 shape, dtype and device) unless another module shares it (tied embeddings), which then
-keeps it. Small layers stay as they are: there the per-call overhead dominates.
+keeps it. Small layers stay as they are: there the per-call overhead dominates. On a CPU
+where oneDNN has no bfloat16 kernels (no AVX-512 BW/VL/DQ, no AVX-NE-CONVERT: e.g. an AVX2-only
+CPU) nothing is packed and the model runs with its plain weights; :func:`supported` finds that
+out once, by packing a small matrix.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -44,6 +48,28 @@ def available() -> bool:
     )
 
 
+def native_bfloat16() -> bool:
+    """Whether this CPU computes in bfloat16 natively (Intel AMX or AVX-512 BF16); elsewhere
+    bfloat16 products are emulated and float32 is faster."""
+    cpu = getattr(torch, "cpu", None)
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+
+
+@functools.cache
+def supported() -> bool:
+    """Whether oneDNN can pack and multiply bfloat16 weights on this CPU (probed once, on a small
+    matrix: its bfloat16 kernels need AVX-512 BW/VL/DQ or AVX-NE-CONVERT)."""
+    if not available():
+        return False
+    try:
+        weight = torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=torch.bfloat16), BATCH_HINT)
+        torch.ops.mkldnn._linear_pointwise(torch.zeros(1, 16, dtype=torch.bfloat16), weight, None, "none", [], "")
+    except RuntimeError as exc:
+        logger.info("oneDNN cannot pack bfloat16 weights on this CPU (%s): linear layers keep their plain weights", exc)
+        return False
+    return True
+
+
 class PackedLinear(nn.Linear):
     """An ``nn.Linear`` whose forward pass multiplies by its prepacked oneDNN weight."""
 
@@ -65,11 +91,9 @@ def _packable(layer: nn.Module) -> bool:
 
 def prepack(model: nn.Module) -> int:
     """Pack the large linear layers of ``model`` (on CPU, in bfloat16) in place;
-    returns how many were packed (0 where oneDNN's operators are missing)."""
-    if not available():
-        return 0
+    returns how many were packed (0 where oneDNN's operators are missing or cannot run on this CPU)."""
     layers: list[nn.Linear] = [m for m in model.modules() if isinstance(m, nn.Linear) and _packable(m)]
-    if not layers:
+    if not layers or not supported():
         return 0
     # a weight used anywhere but by its one linear layer (tied input and output embeddings)
     owners: dict[int, int] = {}

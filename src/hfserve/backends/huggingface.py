@@ -305,6 +305,11 @@ class HuggingFaceBackend(Backend):
                 logger.warning("--compile: the decode step stays eager with LoRA adapters and for encoder-decoder models")
             else:
                 self.compiled = CompiledDecode(self.model)
+        if self.device.type == "cpu" and self.model.dtype == torch.bfloat16 and not cpu_linear.native_bfloat16():
+            logger.warning(
+                "--dtype bfloat16 on a CPU without native bfloat16 (no AMX, no AVX-512 BF16): it is emulated here; "
+                "--dtype float32 (the default) is faster on this CPU"
+            )
         if self.task.is_generative and self.device.type == "cpu" and self.lora is None and self.compiled is None:
             cpu_linear.prepack(self.model)  # bfloat16: weights in oneDNN's layout (see cpu_linear)
         if self.task.is_generative:
