@@ -66,17 +66,24 @@ def _get(url: str, timeout: float) -> tuple[int, bytes]:
         return error.code, error.read()
 
 
+def _ok_body(url: str, timeout: float) -> bytes | None:
+    """The body of ``url``'s 200 answer; None (and the reason logged) when it is unreachable or answers another status."""
+    try:
+        status, body = _get(url, timeout)
+    except (OSError, ValueError) as error:
+        logger.error("server %s is not reachable: %s", url, error)
+        return None
+    if status != 200:
+        logger.error("server %s answered %d", url, status)
+        return None
+    return body
+
+
 def check_runtime_health(url: str, *, retries: int = 0, interval: float = 1.0, timeout: float = 5.0) -> bool:
     """The server at ``url`` answers 200."""
 
     def once() -> bool:
-        try:
-            status, _ = _get(url, timeout)
-        except (OSError, ValueError) as error:
-            logger.error("server %s is not reachable: %s", url, error)
-            return False
-        if status != 200:
-            logger.error("server %s answered %d", url, status)
+        if _ok_body(url, timeout) is None:
             return False
         logger.info("server %s answered 200", url)
         return True
@@ -88,13 +95,8 @@ def check_runtime_models(url: str, isvc_name: str, *, retries: int = 0, interval
     """``url`` (a KServe v1 ``/v1/models`` route) lists ``isvc_name`` (any model when it is empty)."""
 
     def once() -> bool:
-        try:
-            status, body = _get(url, timeout)
-        except (OSError, ValueError) as error:
-            logger.error("server %s is not reachable: %s", url, error)
-            return False
-        if status != 200:
-            logger.error("server %s answered %d", url, status)
+        body = _ok_body(url, timeout)
+        if body is None:
             return False
         try:
             models = json.loads(body).get("models", [])
