@@ -1,12 +1,13 @@
 """Prepacked oneDNN linear weights for bfloat16 on CPU (src/hfserve/backends/cpu_linear.py): the
 packed model computes what the plain one does, releases the plain weights it no longer reads,
-keeps tied ones, float32 models are left alone, and the transformers backend's answers equal
+keeps tied ones, float32 weights are packed only for the shapes where it pays on this CPU, and the transformers backend's answers equal
 transformers' own ``generate``."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import shutil
 
 import pytest
@@ -98,10 +99,50 @@ def test_packed_model_computes_what_the_plain_one_does(medium):
     assert torch.allclose(got, expected, atol=5e-2 * expected.abs().max().item(), rtol=0)
 
 
-def test_float32_is_left_alone(medium):
-    model = _load(medium, torch.float32)  # packing made float32 slower at concurrency 1 (see cpu_linear)
+def test_float32_is_packed_only_for_the_shapes_where_it_pays(medium, monkeypatch, caplog):
+    """float32 weights: each distinct shape is timed both ways at load; only the shapes whose packed
+    product is FLOAT32_GAIN times faster (geometric mean over 1 and BATCH_HINT rows) are packed."""
+    timed = []
+
+    def speedup(weight, packed, rows):  # the down projections (512 x 1024) pay, nothing else
+        timed.append((tuple(weight.shape), rows))
+        return {1: 0.9, cpu_linear.BATCH_HINT: 2.0}[rows] if tuple(weight.shape) == (512, 1024) else 1.0
+
+    monkeypatch.setattr(cpu_linear, "speedup", speedup)
+    model = _load(medium, torch.float32)
+    with caplog.at_level("INFO", logger="hfserve.backends.cpu_linear"):
+        assert cpu_linear.prepack(model) == 2  # one per decoder layer
+    packed = {name for name, m in model.named_modules() if isinstance(m, cpu_linear.PackedLinear)}
+    assert packed == {f"model.layers.{i}.mlp.down_proj" for i in range(2)}
+    shapes = {tuple(m.weight.shape) for m in model.modules() if type(m) is torch.nn.Linear} | {(512, 1024)}
+    assert sorted(timed) == sorted((shape, rows) for shape in shapes for rows in (1, cpu_linear.BATCH_HINT))  # each shape once
+    assert "float32 1024x512 weights: oneDNN's packed product 0.90x the plain one at 1 row, 2.00x at 8 rows: packed" in caplog.text
+
+    monkeypatch.setattr(cpu_linear, "speedup", lambda weight, packed, rows: 1.1)  # nothing pays
+    model = _load(medium, torch.float32)
     assert cpu_linear.prepack(model) == 0
     assert not any(isinstance(m, cpu_linear.PackedLinear) for m in model.modules())
+
+
+def test_speedup_times_the_two_products(medium):
+    """The timing itself: a positive, finite ratio for a real weight, at one row and at a batch."""
+    model = _load(medium, torch.float32)
+    weight = model.model.layers[0].mlp.down_proj.weight.detach()
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight, cpu_linear.BATCH_HINT)
+    for rows in (1, cpu_linear.BATCH_HINT):
+        assert 0 < cpu_linear.speedup(weight, packed, rows) < math.inf
+
+
+def test_packed_float32_model_computes_what_the_plain_one_does(medium, monkeypatch):
+    from transformers import AutoTokenizer
+
+    monkeypatch.setattr(cpu_linear, "FLOAT32_GAIN", 0.0)  # every float32 shape pays
+    tokenizer = AutoTokenizer.from_pretrained(medium)
+    plain, packed = _load(medium, torch.float32), _load(medium, torch.float32)
+    assert cpu_linear.prepack(packed) == 2 * 7 + 1
+    expected, got = _greedy_steps(plain, tokenizer), _greedy_steps(packed, tokenizer)
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+    assert torch.allclose(got, expected, atol=1e-4 * expected.abs().max().item(), rtol=0)
 
 
 @needs_bf16_kernels
@@ -134,11 +175,12 @@ async def _complete(backend, prompt_ids, max_tokens):
     return ids
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_backend_packs_and_answers_as_generate(medium, dtype, caplog):
+@pytest.mark.parametrize(("dtype", "float32_gain"), [("float32", math.inf), ("float32", 0.0), ("bfloat16", math.inf)])
+def test_backend_packs_and_answers_as_generate(medium, dtype, float32_gain, caplog, monkeypatch):
     """Concurrent greedy requests on the transformers backend (packed in bfloat16) equal transformers' own
     ``generate`` of each prompt alone on the unpacked model (the independent reference). Asked for
     bfloat16 on a CPU that only emulates it, the backend says float32 is faster there."""
+    monkeypatch.setattr(cpu_linear, "FLOAT32_GAIN", float32_gain)  # float32: packed never (inf) or always (0)
     backend = HuggingFaceBackend(dataclasses.replace(ModelConfig.local(medium), dtype=dtype), BatchingConfig())
 
     async def scenario():
@@ -157,7 +199,7 @@ def test_backend_packs_and_answers_as_generate(medium, dtype, caplog):
         prompts, answers = asyncio.run(scenario())
     assert ("float32 (the default) is faster on this CPU" in caplog.text) == (dtype == "bfloat16" and not cpu_linear.native_bfloat16())
     packed = any(isinstance(m, cpu_linear.PackedLinear) for m in backend.model.modules())
-    assert packed == (dtype == "bfloat16" and cpu_linear.supported())  # else plain weights, same answers
+    assert packed == (cpu_linear.supported() if dtype == "bfloat16" else float32_gain == 0.0)  # else plain weights, same answers
     reference = _load(medium, getattr(torch, dtype))
     with torch.inference_mode():
         for prompt, answer in zip(prompts, answers):

@@ -1,29 +1,39 @@
-"""Linear layers with prepacked oneDNN weights, for bfloat16 generation on CPU.
+"""Linear layers with prepacked oneDNN weights, for generation on CPU.
 
-In bfloat16 on CPU, ``torch.nn.functional.linear`` hands oneDNN the weights in their plain
-row-major layout, and oneDNN re-blocks them for its (AMX / AVX-512 BF16) kernels on every
-call. A weight reordered once into oneDNN's own blocked layout
+``torch.nn.functional.linear`` multiplies by a weight in its plain row-major layout: in bfloat16
+oneDNN re-blocks it for its (AMX / AVX-512 BF16) kernels on every call; in float32 MKL's product
+runs, and on some CPUs (an AMD EPYC with AVX2) MKL takes a slow path for a decode step's few
+rows. A weight reordered once into oneDNN's own blocked layout
 (``torch.ops.mkldnn._reorder_linear_weight``, what ``torch.compile`` does to frozen CPU
-weights) skips that. Measured through the server on a ~110M Llama on 2 cores (docs/benchmarks.md):
-bfloat16 generation 24 -> 30 tokens/s at concurrency 1, 165 -> 173 at 8, 282 -> 303 at 16. In
-float32 the same packing made concurrency 1 slower (34 -> 21 tokens/s: MKL's matrix-vector
-product beats oneDNN's there) and 8 and 16 no faster, so float32 weights stay as they are.
+weights) skips both. Measured through the server on a ~110M Llama on 2 cores (docs/benchmarks.md):
+bfloat16 generation 24 -> 30 tokens/s at concurrency 1, 165 -> 173 at 8, 282 -> 303 at 16.
 
-:func:`prepack` turns the large bfloat16 ``nn.Linear`` layers of a loaded model into
-:class:`PackedLinear` (the same object, its class swapped, so module paths and
-``weight.shape`` stay), each holding its packed weight. The plain weight's storage is
+float32 depends on the CPU. On a Xeon with AMX, packing made concurrency 1 slower (34 -> 21
+tokens/s: MKL's matrix-vector product beats oneDNN's there) and 8 and 16 barely faster; on an
+AVX2-only AMD EPYC, MKL's product of 8 rows by a 768 x 32000 weight took 54 ms against oneDNN's
+14.5 (768 x 2048: 662 against 301 us), one row 7.2 against 7.9 ms. So float32 weights are packed
+where it pays on the CPU at hand: at load, each distinct weight shape is timed both ways at one
+row and at :data:`BATCH_HINT` rows, and a shape is packed when the geometric mean of the two
+speed-ups is at least :data:`FLOAT32_GAIN` (:func:`float32_shapes_that_pay`).
+
+:func:`prepack` turns the large ``nn.Linear`` layers of a loaded model (bfloat16, and the float32
+ones that pay) into :class:`PackedLinear` (the same object, its class swapped, so module paths
+and ``weight.shape`` stay), each holding its packed weight. The plain weight's storage is
 released (its parameter becomes a zero-strided view of one element, with the same
 shape, dtype and device) unless another module shares it (tied embeddings), which then
 keeps it. Small layers stay as they are: there the per-call overhead dominates. On a CPU
 where oneDNN has no bfloat16 kernels (no AVX-512 BW/VL/DQ, no AVX-NE-CONVERT: e.g. an AVX2-only
-CPU) nothing is packed and the model runs with its plain weights; :func:`supported` finds that
-out once, by packing a small matrix.
+CPU) no bfloat16 layer is packed and the model runs with its plain weights; :func:`supported`
+finds that out once per dtype, by packing a small matrix.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import math
+import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -34,8 +44,11 @@ logger = logging.getLogger("hfserve.backends.cpu_linear")
 MIN_ELEMENTS = 512 * 512
 #: the row count oneDNN chooses its blocked layout for: a decode step's batch
 BATCH_HINT = 8
-#: where packing pays (see above)
-_DTYPES = (torch.bfloat16,)
+#: the dtypes packed: bfloat16 always (where oneDNN has kernels), float32 where it pays (see above)
+_DTYPES = (torch.bfloat16, torch.float32)
+#: a float32 weight shape is packed when oneDNN's product is at least this much faster than the
+#: plain one (the geometric mean of the speed-ups at one row and at BATCH_HINT rows)
+FLOAT32_GAIN = 1.25
 
 
 def available() -> bool:
@@ -56,18 +69,58 @@ def native_bfloat16() -> bool:
 
 
 @functools.cache
-def supported() -> bool:
-    """Whether oneDNN can pack and multiply bfloat16 weights on this CPU (probed once, on a small
+def supported(dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether oneDNN can pack and multiply ``dtype`` weights on this CPU (probed once, on a small
     matrix: its bfloat16 kernels need AVX-512 BW/VL/DQ or AVX-NE-CONVERT)."""
     if not available():
         return False
     try:
-        weight = torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=torch.bfloat16), BATCH_HINT)
-        torch.ops.mkldnn._linear_pointwise(torch.zeros(1, 16, dtype=torch.bfloat16), weight, None, "none", [], "")
+        weight = torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=dtype), BATCH_HINT)
+        torch.ops.mkldnn._linear_pointwise(torch.zeros(1, 16, dtype=dtype), weight, None, "none", [], "")
     except RuntimeError as exc:
-        logger.info("oneDNN cannot pack bfloat16 weights on this CPU (%s): linear layers keep their plain weights", exc)
+        logger.info("oneDNN cannot pack %s weights on this CPU (%s): linear layers keep their plain weights", dtype, exc)
         return False
     return True
+
+
+def _fastest_us(call: Callable[[], object], rounds: int = 5) -> float:
+    """The fastest of ``rounds`` timed calls (after one untimed), in microseconds: the least disturbed by other work."""
+    call()
+    best = math.inf
+    for _ in range(rounds):
+        started = time.perf_counter()
+        call()
+        best = min(best, time.perf_counter() - started)
+    return best * 1e6
+
+
+def speedup(weight: torch.Tensor, packed: torch.Tensor, rows: int) -> float:
+    """How many times faster oneDNN's product by ``packed`` is than the plain product by ``weight``, at ``rows`` rows."""
+    x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
+    with torch.no_grad():
+        plain = _fastest_us(lambda: torch.nn.functional.linear(x, weight))
+        onednn = _fastest_us(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""))
+    return plain / onednn
+
+
+def float32_shapes_that_pay(layers: list[nn.Linear]) -> set[tuple[int, int]]:
+    """The weight shapes among ``layers`` (float32) whose oneDNN product is, timed here and now, at
+    least :data:`FLOAT32_GAIN` times faster than the plain one over one row and BATCH_HINT rows."""
+    first: dict[tuple[int, int], torch.Tensor] = {}
+    for layer in layers:
+        first.setdefault((int(layer.weight.shape[0]), int(layer.weight.shape[1])), layer.weight.detach())
+    pays: set[tuple[int, int]] = set()
+    for shape, weight in first.items():
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, BATCH_HINT)
+        one, many = speedup(weight, packed, 1), speedup(weight, packed, BATCH_HINT)
+        gain = math.sqrt(one * many)
+        logger.info(
+            "float32 %dx%d weights: oneDNN's packed product %.2fx the plain one at 1 row, %.2fx at %d rows: %s",
+            shape[1], shape[0], one, many, BATCH_HINT, "packed" if gain >= FLOAT32_GAIN else "left plain",
+        )  # fmt: skip
+        if gain >= FLOAT32_GAIN:
+            pays.add(shape)
+    return pays
 
 
 class PackedLinear(nn.Linear):
@@ -90,10 +143,16 @@ def _packable(layer: nn.Module) -> bool:
 
 
 def prepack(model: nn.Module) -> int:
-    """Pack the large linear layers of ``model`` (on CPU, in bfloat16) in place;
+    """Pack the large linear layers of ``model`` (on CPU; bfloat16, and float32 where it pays) in place;
     returns how many were packed (0 where oneDNN's operators are missing or cannot run on this CPU)."""
-    layers: list[nn.Linear] = [m for m in model.modules() if isinstance(m, nn.Linear) and _packable(m)]
-    if not layers or not supported():
+    layers: list[nn.Linear] = [
+        m for m in model.modules() if isinstance(m, nn.Linear) and _packable(m) and supported(m.weight.dtype)
+    ]
+    float32 = [layer for layer in layers if layer.weight.dtype == torch.float32]
+    if float32:
+        pays = float32_shapes_that_pay(float32)
+        layers = [layer for layer in layers if layer.weight.dtype != torch.float32 or tuple(layer.weight.shape) in pays]
+    if not layers:
         return 0
     # a weight used anywhere but by its one linear layer (tied input and output embeddings)
     owners: dict[int, int] = {}

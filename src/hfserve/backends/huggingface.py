@@ -311,7 +311,7 @@ class HuggingFaceBackend(Backend):
                 "--dtype float32 (the default) is faster on this CPU"
             )
         if self.task.is_generative and self.device.type == "cpu" and self.lora is None and self.compiled is None:
-            cpu_linear.prepack(self.model)  # bfloat16: weights in oneDNN's layout (see cpu_linear)
+            cpu_linear.prepack(self.model)  # weights in oneDNN's layout where it pays (see cpu_linear)
         if self.task.is_generative:
             self.scheduler = GenerationScheduler(
                 self.model,
