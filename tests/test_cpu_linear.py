@@ -9,6 +9,7 @@ import asyncio
 import dataclasses
 import math
 import shutil
+import time
 
 import pytest
 import torch
@@ -118,19 +119,49 @@ def test_float32_is_packed_only_for_the_shapes_where_it_pays(medium, monkeypatch
     assert sorted(timed) == sorted((shape, rows) for shape in shapes for rows in (1, cpu_linear.BATCH_HINT))  # each shape once
     assert "float32 1024x512 weights: oneDNN's packed product 0.90x the plain one at 1 row, 2.00x at 8 rows: packed" in caplog.text
 
-    monkeypatch.setattr(cpu_linear, "speedup", lambda weight, packed, rows: 1.1)  # nothing pays
+    monkeypatch.setattr(cpu_linear, "speedup", lambda weight, packed, rows: 1.0)  # nothing pays
     model = _load(medium, torch.float32)
     assert cpu_linear.prepack(model) == 0
     assert not any(isinstance(m, cpu_linear.PackedLinear) for m in model.modules())
 
 
-def test_speedup_times_the_two_products(medium):
-    """The timing itself: a positive, finite ratio for a real weight, at one row and at a batch."""
+def test_speedup_times_the_two_products(medium, monkeypatch):
+    """The timing itself: a positive, finite ratio for a real weight, at one row and at a batch,
+    timed on one thread (the process's thread count restored after)."""
     model = _load(medium, torch.float32)
     weight = model.model.layers[0].mlp.down_proj.weight.detach()
     packed = torch.ops.mkldnn._reorder_linear_weight(weight, cpu_linear.BATCH_HINT)
-    for rows in (1, cpu_linear.BATCH_HINT):
-        assert 0 < cpu_linear.speedup(weight, packed, rows) < math.inf
+    threads_seen, linear = set(), torch.nn.functional.linear
+
+    def counting_linear(*args, **kwargs):
+        threads_seen.add(torch.get_num_threads())
+        return linear(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", counting_linear)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for rows in (1, cpu_linear.BATCH_HINT):
+            assert 0 < cpu_linear.speedup(weight, packed, rows) < math.inf
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert threads_seen == {1}
+
+
+def test_the_timing_alternates_and_runs_quick_products_longer():
+    """Each round times the two products back to back; a quick product is timed until the budget
+    is spent (its fastest call settles), a slow one the minimum number of rounds."""
+    calls: list[str] = []
+    first, second = cpu_linear._fastest_pair_us(lambda: calls.append("a"), lambda: time.sleep(0.002) or calls.append("b"), rounds=3, budget_s=0.0)
+    assert calls == ["a", "b"] * 4  # one untimed pair, then 3 timed rounds
+    assert 0 <= first < second and second >= 2000
+    calls.clear()
+    cpu_linear._fastest_pair_us(lambda: calls.append("a"), lambda: time.sleep(0.002) or calls.append("b"), rounds=3, budget_s=0.03)
+    assert 1 + 3 < len(calls) // 2 < 1 + 30  # ~15 rounds of 2 ms
+    calls.clear()
+    cpu_linear._fastest_pair_us(lambda: calls.append("a"), lambda: calls.append("b"), rounds=3, budget_s=10.0, most=40)
+    assert calls == ["a", "b"] * 41  # a budget never reached stops at ``most`` rounds
 
 
 def test_packed_float32_model_computes_what_the_plain_one_does(medium, monkeypatch):
