@@ -1,7 +1,7 @@
 """hfserve next to the servers users would pick instead (issue 16): one table, same models, same load.
 
     python benchmarks/peers.py [--only tiny,100m,embeddings] [--servers hfserve-hf,hfserve-vllm,vllm,tf-serve,infinity]
-                               [--quick] [--write]
+                               [--skip ROW,...] [--quick] [--write]
 
 Starts the servers of one model side by side (``--one-at-a-time``: one after another), on free ports
 of 127.0.0.1, and measures them in turns with the one load generator of benchmarks/load.py (asyncio,
@@ -731,6 +731,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--only", default="tiny,100m,embeddings", help="models: tiny, 100m, embeddings (comma-separated)")
     ap.add_argument("--servers", default="hfserve-hf,hfserve-vllm,vllm,tf-serve,infinity", help="servers (comma-separated)")
+    ap.add_argument("--skip", default="", help="rows left out (comma-separated), e.g. hfserve-hf-bf16,hfserve-hf-compile")
     ap.add_argument("--quick", action="store_true", help="few requests per level, one run each, short ceilings")
     ap.add_argument("--write", action="store_true", help="write the table into docs/benchmarks.md and the runs to benchmarks/peers.json")
     ap.add_argument("--one-at-a-time", action="store_true", help="start one server at a time (default: a model's servers side by side, measured in turns)")
@@ -751,13 +752,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     default_out = (args.out, args.json) == (ap.get_default("out"), ap.get_default("json"))
-    if args.write and default_out and (args.only != ap.get_default("only") or args.servers != ap.get_default("servers")):
+    if args.write and default_out and (args.only != ap.get_default("only") or args.servers != ap.get_default("servers") or args.skip):
         # the table's ratios compare servers measured in one sitting: a subset would replace it with
         # part of one, or mix two sittings' rows
         ap.error("--write replaces the whole table of docs/benchmarks.md: run every model and server, "
                  "or give --out and --json for a partial run")
     groups = select(args.servers, sorted({s.group for s in SERVERS}), "server")
-    servers = [s for s in SERVERS if s.group in groups]
+    skipped = select(args.skip, [s.key for s in SERVERS], "row") if args.skip else []
+    servers = [s for s in SERVERS if s.group in groups and s.key not in skipped]
     venvs = {s.venv for s in servers if s.venv}
     started = time.monotonic()
     venv_errors = install_all(venvs)

@@ -228,7 +228,7 @@ def test_backend_packs_and_answers_as_generate(medium, dtype, float32_gain, capl
 
     with caplog.at_level("WARNING", logger="hfserve.backends.huggingface"):
         prompts, answers = asyncio.run(scenario())
-    assert ("float32 (the default) is faster on this CPU" in caplog.text) == (dtype == "bfloat16" and not cpu_linear.native_bfloat16())
+    assert ("bfloat16 on a CPU without native bfloat16" in caplog.text) == (dtype == "bfloat16" and not cpu_linear.native_bfloat16())
     packed = any(isinstance(m, cpu_linear.PackedLinear) for m in backend.model.modules())
     assert packed == (cpu_linear.supported() if dtype == "bfloat16" else float32_gain == 0.0)  # else plain weights, same answers
     reference = _load(medium, getattr(torch, dtype))

@@ -70,7 +70,8 @@ def available() -> bool:
 
 def native_bfloat16() -> bool:
     """Whether this CPU computes in bfloat16 natively (Intel AMX or AVX-512 BF16); elsewhere
-    bfloat16 products are emulated and float32 is faster."""
+    bfloat16 products are emulated (though still reading half the memory of float32: on the AVX2
+    EPYC of docs/benchmarks.md bfloat16 was faster at concurrency 1 and 8, not at 16)."""
     cpu = getattr(torch, "cpu", None)
     return any(bool(getattr(cpu, name, lambda: False)()) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
 

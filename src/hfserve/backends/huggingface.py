@@ -307,8 +307,9 @@ class HuggingFaceBackend(Backend):
                 self.compiled = CompiledDecode(self.model)
         if self.device.type == "cpu" and self.model.dtype == torch.bfloat16 and not cpu_linear.native_bfloat16():
             logger.warning(
-                "--dtype bfloat16 on a CPU without native bfloat16 (no AMX, no AVX-512 BF16): it is emulated here; "
-                "--dtype float32 (the default) is faster on this CPU"
+                "--dtype bfloat16 on a CPU without native bfloat16 (no AMX, no AVX-512 BF16): its products are "
+                "emulated and its weights not prepacked; it still halves the memory each step reads, so compare "
+                "it with --dtype float32 (the default) under your load: either can be faster on such a CPU"
             )
         if self.task.is_generative and self.device.type == "cpu" and self.lora is None and self.compiled is None:
             cpu_linear.prepack(self.model)  # weights in oneDNN's layout where it pays (see cpu_linear)
