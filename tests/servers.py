@@ -66,9 +66,17 @@ def vllm_pins(model_dir: pathlib.Path | str, args: list[str]) -> list[str]:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports: each socket stays bound until all are picked (picked one at
+    a time, the kernel may hand out the same port twice, e.g. an HTTP and a gRPC port)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
 
 
 @dataclass
@@ -119,7 +127,7 @@ def start_server(
     A server that may run on vLLM gets ``--dtype float32 --enforce-eager`` unless the flags already
     choose them (:func:`vllm_pins`); ``pin_vllm=False`` runs it with vLLM's own defaults instead.
     """
-    http_port, grpc_port = free_port(), free_port()
+    http_port, grpc_port = free_ports(2)
     pins = vllm_pins(model_dir, list(extra)) if pin_vllm else []
     args = [
         *(entry or [sys.executable, "-m", "hfserve"]),

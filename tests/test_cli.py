@@ -11,7 +11,7 @@ import pytest
 
 from hfserve.cli import build_parser, resolve
 from hfserve.tasks import Task, TaskInferenceError, infer_task, parse_task
-from tests.servers import free_port, start_server, stop_server
+from tests.servers import free_port, free_ports, start_server, stop_server
 
 
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -144,8 +144,9 @@ def test_port_in_use_is_a_one_line_error(models):
 
 def test_backend_vllm_for_a_model_it_cannot_serve(models):
     """--backend vllm never falls back silently: a one-line startup error instead."""
-    proc = run_cli("--model_dir", str(models["bert_cls"]), "--backend", "vllm", "--http_port", str(free_port()),
-                   "--grpc_port", str(free_port()), timeout=120)
+    http_port, grpc_port = free_ports(2)
+    proc = run_cli("--model_dir", str(models["bert_cls"]), "--backend", "vllm", "--http_port", str(http_port),
+                   "--grpc_port", str(grpc_port), timeout=120)
     assert proc.returncode == 2, proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("hfserve: error: --backend vllm cannot serve this model")
