@@ -80,7 +80,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from benchmarks.bench import SENTENCES  # bench.py's embeddings workload
 from benchmarks.fixture_servers import ROOT
 from benchmarks.load import Connection, closed_loop, pct
-from tests.servers import free_port
+from tests.servers import free_ports
 
 CACHE = pathlib.Path(os.environ.get("HFSERVE_BENCH_CACHE", pathlib.Path.home() / ".cache" / "hfserve-bench"))
 GEN_TOKENS = 32
@@ -176,12 +176,13 @@ class Server:
     only_models: tuple[str, ...] = ()  # variants run only on these models
     flags: tuple[str, ...] = ()  # more of the server's own flags
 
-    def command(self, python: str, model: Model, port: int, device: str, max_concurrency: int = 16) -> list[str]:
-        m, p = str(model.path), str(port)
+    def command(self, python: str, model: Model, ports: tuple[int, int], device: str, max_concurrency: int = 16) -> list[str]:
+        """The server's command line: HTTP on ``ports[0]``; hfserve's gRPC on ``ports[1]``."""
+        m, p = str(model.path), str(ports[0])
         if self.group in ("hfserve-hf", "hfserve-vllm"):
             backend = "huggingface" if self.group == "hfserve-hf" else "vllm"
             cmd = [python, "-m", "hfserve", "--model_dir", m, "--model_name", model.name, "--http_port", p,
-                   "--grpc_port", str(free_port()), "--host", "127.0.0.1", "--backend", backend, "--disable_log_requests"]  # fmt: skip
+                   "--grpc_port", str(ports[1]), "--host", "127.0.0.1", "--backend", backend, "--disable_log_requests"]  # fmt: skip
             if backend == "vllm" and model.task == "generate":
                 cmd += ["--max_model_len", str(MAX_MODEL_LEN)]
         elif self.group == "vllm":
@@ -257,8 +258,8 @@ def launch(server: Server, model: Model, log_dir: pathlib.Path, device: str = "c
 
     It runs from ``python`` if given, else from its venv (made on first use) or, for hfserve, this interpreter."""
     python = python or (sys.executable if server.venv is None else str(ensure_venv(server.venv)))
-    port = free_port()
-    cmd = server.command(python, model, port, device, max_concurrency)
+    port, grpc_port = free_ports(2)  # picked together: one at a time the kernel may hand out the same port twice
+    cmd = server.command(python, model, (port, grpc_port), device, max_concurrency)
     log = log_dir / f"{server.key}-{model.key}.log"
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(model.kv_cache_gb), "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     if server.group.startswith("hfserve"):  # this checkout's hfserve, installed or not (a GPU machine's bare python)

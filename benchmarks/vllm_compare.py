@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.fixtures.build_models import build_all  # noqa: E402
-from tests.servers import free_port  # noqa: E402
+from tests.servers import free_ports  # noqa: E402
 
 ENGINE = {"max_model_len": "256", "dtype": "float32"}
 
@@ -106,13 +106,12 @@ def main() -> None:
     model = build_all(ROOT / ".fixtures")["llama"]
     logdir = Path(tempfile.mkdtemp(prefix="vllm-bench-"))
 
-    p1 = free_port()
+    p1, p2, g2 = free_ports(3)  # picked together, so no two are the same
     vllm_cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--served-model-name",
                 "llama", "--port", str(p1), "--host", "127.0.0.1", "--max-model-len", ENGINE["max_model_len"],
                 "--dtype", ENGINE["dtype"], "--enforce-eager", "--no-enable-log-requests"]
-    p2 = free_port()
     hf_cmd = [sys.executable, "-m", "hfserve", "--model_dir", str(model), "--model_name", "llama", "--backend", "vllm",
-              "--http_port", str(p2), "--grpc_port", str(free_port()), "--host", "127.0.0.1",
+              "--http_port", str(p2), "--grpc_port", str(g2), "--host", "127.0.0.1",
               "--max_model_len", ENGINE["max_model_len"], "--dtype", ENGINE["dtype"], "--enforce_eager",
               "--disable_log_requests"]
     results = {
