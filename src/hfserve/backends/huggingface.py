@@ -153,7 +153,11 @@ class HuggingFaceBackend(Backend):
         self.default_seed: int | None = None if engine_args.get("seed") is None else int(engine_args["seed"])
         self.max_logprobs = int(engine_args.get("max_logprobs", DEFAULT_MAX_LOGPROBS))
         self.capabilities = Capabilities(
-            max_logprobs=max(self.max_logprobs, 0), max_n=16, penalties=True, prompt_logprobs=True, min_tokens=True,
+            max_logprobs=max(self.max_logprobs, 0),
+            max_n=16,
+            penalties=True,
+            prompt_logprobs=True,
+            min_tokens=True,
             structured_outputs=True,
         )
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="hf-model")
@@ -188,8 +192,8 @@ class HuggingFaceBackend(Backend):
 
     # ------------------------------------------------------------------ load
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._load)
+        # on a thread that ends with the load: its OpenMP team would slow the decode thread's
+        await cpu_threads.run_in_passing_thread(self._load, name="hf-load")
         if self.scheduler is not None:
             if self.compiled is not None:
                 await self._compile_decode_step(self.scheduler, self.compiled)
@@ -222,7 +226,9 @@ class HuggingFaceBackend(Backend):
             await asyncio.gather(run(prompt, long), run(prompt[:-1], long))
             await run(prompt, n=3)
         except Exception as exc:  # noqa: BLE001 - the model is still served; what did not compile runs eagerly
-            logger.warning("the decode step's warm-up stopped (%s: %s); what it did not compile runs eagerly", type(exc).__name__, exc)
+            logger.warning(
+                "the decode step's warm-up stopped (%s: %s); what it did not compile runs eagerly", type(exc).__name__, exc
+            )
         compiled.ready()
         state = "compiled" if compiled.active else "left eager (the compiler failed; see above)"
         logger.info("decode step %s in %.0f s", state, time.monotonic() - started)
@@ -314,6 +320,9 @@ class HuggingFaceBackend(Backend):
         if self.task.is_generative and self.device.type == "cpu" and self.lora is None and self.compiled is None:
             cpu_linear.prepack(self.model)  # weights in oneDNN's layout where it pays (see cpu_linear)
         if self.task.is_generative:
+            # hfserve's attention (SDPA's, with a faster decode step in bfloat16 on CPU and prompts
+            # folded into decode steps); a compiled step keeps transformers' own
+            attention = self.compiled is None and mixed_step.enable(self.model)
             self.scheduler = GenerationScheduler(
                 self.model,
                 device=self.device,
@@ -328,7 +337,7 @@ class HuggingFaceBackend(Backend):
                 max_adapters=lora_config.max_loras if self.lora is not None else None,
                 forward=self.compiled,
                 # joining prompts ride in the running batch's decode step (not with per-row adapters or a compiled step)
-                fold_prompts=self.lora is None and self.compiled is None and mixed_step.enable(self.model),
+                fold_prompts=self.lora is None and attention,
             )
             self.grammar = self._grammar_engine()
             engine_stats = EngineStats(
@@ -419,9 +428,7 @@ class HuggingFaceBackend(Backend):
         """torch / transformers / tokenizers exceptions -> contract classes."""
         if isinstance(exc, torch.OutOfMemoryError):
             logger.warning("request %s: out of memory", request_id or "-")
-            return errors.Overloaded(
-                "The model ran out of memory serving this request; retry later or send a shorter request"
-            )
+            return errors.Overloaded("The model ran out of memory serving this request; retry later or send a shorter request")
         return errors.classify(exc, request_id)
 
     # ------------------------------------------------------------ generation
@@ -456,11 +463,11 @@ class HuggingFaceBackend(Backend):
     async def load_adapter(self, name: str, path: str) -> None:
         if self.lora is None:
             raise errors.InvalidRequest("LoRA adapters are not enabled on this server; start it with --enable-lora")
-        await asyncio.get_running_loop().run_in_executor(self._executor, self.lora.load, name, path)
+        await cpu_threads.run_in_passing_thread(self.lora.load, name, path, name="hf-lora")
 
     async def unload_adapter(self, name: str) -> None:
         if self.lora is not None:
-            await asyncio.get_running_loop().run_in_executor(self._executor, self.lora.unload, name)
+            await cpu_threads.run_in_passing_thread(self.lora.unload, name, name="hf-lora")
 
     # ---------------------------------------------------------- encoder tasks
     async def _run(self, kind: str, inputs: list[list[int]], option: Any = None) -> Any:

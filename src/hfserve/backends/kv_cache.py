@@ -9,18 +9,24 @@ buffer is full (or the scheduler has replaced its contents: rows that joined, le
 were trimmed) is it reallocated, with :data:`HEADROOM` spare positions.
 
 ``keys`` and ``values`` stay what transformers and the scheduler read and assign: reading
-gives a view of the filled positions, assigning a tensor makes it the new contents.
+gives a view of the filled positions, assigning a tensor makes it the new contents. A buffer's
+spare positions start as zeros, so a decode step's attention can multiply over the whole
+buffer, its spare positions with zero weight (:func:`whole_buffer`, :mod:`.decode_attention`).
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
 from transformers.cache_utils import DynamicLayer
 
 #: spare positions a buffer gets when it is (re)allocated: one reallocation per this many steps
-HEADROOM = 128
+HEADROOM = 32
+
+#: the buffers GrowingLayer allocated, by id, while they live (what :func:`whole_buffer` finds)
+_buffers: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
 
 
 class GrowingLayer(DynamicLayer):
@@ -51,7 +57,9 @@ class GrowingLayer(DynamicLayer):
         self._vbuf = value
         self._vlen = 0 if value is None or value.dim() < 2 else value.shape[-2]
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         kbuf, vbuf = self._kbuf, self._vbuf
@@ -76,12 +84,28 @@ class GrowingLayer(DynamicLayer):
         bufs = []
         for old, new in ((self.keys, key_states), (self.values, value_states)):
             shape = (*new.shape[:-2], need + HEADROOM, new.shape[-1])
-            buf = torch.empty(shape, dtype=new.dtype, device=new.device)
+            buf = torch.zeros(shape, dtype=new.dtype, device=new.device)  # spare positions: zeros (see whole_buffer)
             if old is not None and old.dim() == 4 and self._len:
                 buf[..., : self._len, :] = old[..., : self._len, :]
             bufs.append(buf)
         self._kbuf, self._vbuf = bufs
+        for buf in bufs:
+            _buffers[id(buf)] = buf
         return bufs[0], bufs[1]
+
+
+def whole_buffer(view: torch.Tensor) -> torch.Tensor:
+    """The whole buffer ``view`` is the filled positions of, when it is a :class:`GrowingLayer`
+    buffer's as ``update`` hands them out ([rows, heads, filled, dim] -> [rows, heads,
+    capacity, dim], contiguous); ``view`` itself otherwise. The positions past the filled ones
+    hold zeros or values of the same layer's earlier steps, never uninitialised memory: a
+    product over them with zero weights reads no NaN."""
+    buf = view._base
+    if buf is None or _buffers.get(id(buf)) is not buf or view.storage_offset() != buf.storage_offset():
+        return view
+    if view.stride() != buf.stride() or view.shape[:2] != buf.shape[:2] or not buf.is_contiguous():
+        return view
+    return buf
 
 
 def grow_in_place(cache: Any) -> None:

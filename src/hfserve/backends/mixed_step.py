@@ -16,8 +16,9 @@ does this module, over the scheduler's padded KV cache:
 - the attention function registered here as :data:`ATTENTION` computes, while a mixed pass
   runs on this thread, the running rows' attention over their cache (the decode step's
   padding mask) and each prompt's causal attention over itself, with the same SDPA call
-  transformers makes; outside a mixed pass it *is* transformers' SDPA attention (and its mask
-  function is transformers' SDPA mask), so every other pass is unchanged.
+  transformers makes; outside a mixed pass it is transformers' SDPA attention (and its mask
+  function is transformers' SDPA mask). Decode steps in bfloat16 or float16 on CPU, in a mixed
+  pass or not, take :mod:`.decode_attention` instead of SDPA's slow kernel for one query token.
 
 The scheduler then merges the prompts' keys and values into the running cache as it merges
 a separately prefilled request. Which models can: decoder-only models whose attention goes
@@ -37,6 +38,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from . import decode_attention
+
 #: the attention implementation a model gets when its scheduler folds prompts into decode steps
 ATTENTION = "hfserve_mixed"
 
@@ -53,7 +56,7 @@ def _attention(
 ) -> tuple[torch.Tensor, None]:
     step: MixedPass | None = getattr(_current, "step", None)
     if step is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        return decode_attention.attend(module, query, key, value, attention_mask, **kwargs)
     return step.attend(module, query, kwargs)
 
 
@@ -105,7 +108,13 @@ class MixedPass:
     gives each prompt's keys and values so far, per layer.
     """
 
-    def __init__(self, cache: Any, rows: int, chunks: Sequence[tuple[int, list[tuple[torch.Tensor, torch.Tensor]] | None]], mask: torch.Tensor):
+    def __init__(
+        self,
+        cache: Any,
+        rows: int,
+        chunks: Sequence[tuple[int, list[tuple[torch.Tensor, torch.Tensor]] | None]],
+        mask: torch.Tensor,
+    ):
         self.cache = cache
         self.rows = rows
         self.chunks = list(chunks)
@@ -118,7 +127,10 @@ class MixedPass:
             if done == 0:
                 self._chunk_masks.append(None)
             else:
-                seen = torch.arange(done + length, device=mask.device)[None, :] <= (done + torch.arange(length, device=mask.device))[:, None]
+                seen = (
+                    torch.arange(done + length, device=mask.device)[None, :]
+                    <= (done + torch.arange(length, device=mask.device))[:, None]
+                )
                 self._chunk_masks.append(seen[None, None])
         self._kv: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._layer: tuple[torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
@@ -132,7 +144,9 @@ class MixedPass:
         self._layer = None
 
     # what the model's attention layers call on their cache ---------------------------------
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Append the running rows' keys and values to their cache and each chunk's to its
         prompt's (the layer's attention, which runs next, reads both)."""
         n = self.rows
@@ -163,7 +177,7 @@ class MixedPass:
         keys, values, prompts = self._layer
         kwargs = {k: v for k, v in kwargs.items() if k != "is_causal"}
         n = self.rows
-        out, _ = sdpa_attention_forward(module, query[0, :, :n].transpose(0, 1).unsqueeze(2), keys, values, self.mask, **kwargs)
+        out, _ = decode_attention.attend(module, query[0, :, :n].transpose(0, 1).unsqueeze(2), keys, values, self.mask, **kwargs)
         parts = [out.transpose(0, 1)]  # [n, 1, heads, dim] -> [1, n, heads, dim]
         start = n
         for (length, _), (k, v), mask in zip(self.chunks, prompts, self._chunk_masks):
