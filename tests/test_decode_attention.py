@@ -65,10 +65,10 @@ def test_same_attention_as_sdpa(dtype, heads, kv_heads, mask_kind, cache):
     rows, dim = 3, 64
     query = torch.randn(rows, heads, 1, dim, dtype=dtype)
     if cache == "growing":
-        _, key, value = _growing(torch.randn(rows, kv_heads, 20, dim, dtype=dtype), torch.randn(rows, kv_heads, 20, dim, dtype=dtype), 5)
+        _, key, value = _growing(torch.randn(rows, kv_heads, 90, dim, dtype=dtype), torch.randn(rows, kv_heads, 90, dim, dtype=dtype), 5)
         assert kv_cache.whole_buffer(key).shape[2] > key.shape[2]  # the products run over the whole buffer
     else:
-        key, value = torch.randn(rows, kv_heads, 25, dim, dtype=dtype), torch.randn(rows, kv_heads, 25, dim, dtype=dtype)
+        key, value = torch.randn(rows, kv_heads, 95, dim, dtype=dtype), torch.randn(rows, kv_heads, 95, dim, dtype=dtype)
     mask = _masks(rows, key.shape[2], mask_kind, dtype)
     layer = _Layer(heads, kv_heads)
     assert decode_attention.applies(query, key, value, mask, {"scaling": 0.1})
@@ -81,15 +81,23 @@ def test_same_attention_as_sdpa(dtype, heads, kv_heads, mask_kind, cache):
     assert ours <= max(2 * theirs, 1e-2), (ours, theirs)
 
 
-def test_spare_positions_get_no_weight():
+@pytest.mark.parametrize("inference_mode", [True, False])
+def test_spare_positions_get_no_weight(inference_mode):
     """The buffer's spare positions hold zeros (never uninitialised memory) and their scores are
-    dropped: the attention over the whole buffer equals the one over the filled view copied."""
+    dropped: the attention over the whole buffer equals the one over the filled view copied.
+    Under ``torch.inference_mode`` too, where the decode loop runs and views keep no base."""
     torch.manual_seed(1)
-    layer, key, value = _growing(torch.randn(2, 2, 7, 64, dtype=torch.bfloat16), torch.randn(2, 2, 7, 64, dtype=torch.bfloat16), 3)
+    with torch.inference_mode(inference_mode):
+        _spare_positions_get_no_weight()
+
+
+def _spare_positions_get_no_weight():
+    layer, key, value = _growing(torch.randn(2, 2, 137, 64, dtype=torch.bfloat16), torch.randn(2, 2, 137, 64, dtype=torch.bfloat16), 3)
     buffer = kv_cache.whole_buffer(value)
-    assert buffer.is_contiguous() and buffer.shape[2] == 8 + kv_cache.HEADROOM  # grown at the first step: 7 + 1 and the headroom
-    assert torch.equal(buffer[..., :10, :], value) and not buffer[..., 10:, :].any()
+    assert buffer.is_contiguous() and buffer.shape[2] == 138 + kv_cache.HEADROOM  # grown at the first step: 137 + 1 and the headroom
+    assert torch.equal(buffer[..., :140, :], value) and not buffer[..., 140:, :].any()
     query = torch.randn(2, 2, 1, 64, dtype=torch.bfloat16)
+    assert decode_attention.applies(query, key, value, None, {})
     got, _ = decode_attention.attend(_Layer(2, 2), query, key, value, None)
     copied, _ = decode_attention.attend(_Layer(2, 2), query, key.contiguous(), value.contiguous(), None)
     assert torch.allclose(got.float(), copied.float(), atol=1e-2, rtol=0)
@@ -98,11 +106,13 @@ def test_spare_positions_get_no_weight():
 def test_only_a_growing_layers_own_buffer_is_widened():
     """A tensor that is not the filled part of a growing layer's buffer is used as it is, even
     when it is a view of a larger tensor (whose other positions may hold anything)."""
-    big = torch.full((2, 2, 40, 64), float("nan"), dtype=torch.bfloat16)
-    big[..., :10, :] = torch.randn(2, 2, 10, 64, dtype=torch.bfloat16)
-    view = big[..., :10, :]
+    big = torch.full((2, 2, 300, 64), float("nan"), dtype=torch.bfloat16)
+    big[..., :200, :] = torch.randn(2, 2, 200, 64, dtype=torch.bfloat16)
+    view = big[..., :200, :]
     assert kv_cache.whole_buffer(view) is view
-    got, _ = decode_attention.attend(_Layer(2, 2), torch.randn(2, 2, 1, 64, dtype=torch.bfloat16), view, view, None)
+    query = torch.randn(2, 2, 1, 64, dtype=torch.bfloat16)
+    assert decode_attention.applies(query, view, view, None, {})
+    got, _ = decode_attention.attend(_Layer(2, 2), query, view, view, None)
     assert torch.isfinite(got).all()
     layer, key, _ = _growing(torch.randn(1, 2, 5, 64, dtype=torch.bfloat16), torch.randn(1, 2, 5, 64, dtype=torch.bfloat16), 2)
     assert kv_cache.whole_buffer(key[..., 1:, :]).shape == key[..., 1:, :].shape  # not from the buffer's start
@@ -111,17 +121,19 @@ def test_only_a_growing_layers_own_buffer_is_widened():
 
 @pytest.mark.parametrize(
     "case",
-    ["float32", "prompt", "position_bias", "attention_weights"],
+    ["float32", "prompt", "position_bias", "attention_weights", "one_row_short_context"],
 )
 def test_every_other_pass_is_sdpas_own(case):
     torch.manual_seed(2)
     dtype = torch.float32 if case == "float32" else torch.bfloat16
     tokens = 3 if case == "prompt" else 1
-    query = torch.randn(2, 4, tokens, 64, dtype=dtype)
-    key, value = torch.randn(2, 4, 9, 64, dtype=dtype), torch.randn(2, 4, 9, 64, dtype=dtype)
+    rows = 1 if case == "one_row_short_context" else 2
+    positions = decode_attention.MIN_ROW_POSITIONS - 1 if case == "one_row_short_context" else 200
+    query = torch.randn(rows, 4, tokens, 64, dtype=dtype)
+    key, value = torch.randn(rows, 4, positions, 64, dtype=dtype), torch.randn(rows, 4, positions, 64, dtype=dtype)
     kwargs = {}
     if case == "position_bias":
-        kwargs["position_bias"] = torch.randn(1, 4, 1, 9, dtype=dtype)
+        kwargs["position_bias"] = torch.randn(1, 4, 1, positions, dtype=dtype)
     if case == "attention_weights":
         kwargs["output_attentions"] = True
     assert not decode_attention.applies(query, key, value, None, kwargs)
@@ -148,7 +160,7 @@ def medium(models, tmp_path_factory):
     return _build(tmp_path_factory.mktemp("medium-llama-attn"), models["llama"], tied=False)
 
 
-def test_bfloat16_backend_decodes_as_the_model_in_float32(medium):
+def test_bfloat16_backend_decodes_as_the_model_in_float32(medium, monkeypatch):
     """Requests decoding side by side (padded rows, contexts past a buffer reallocation) through
     the decode attention: each greedy token is the float32 model's choice (SDPA, plain weights:
     the independent reference) or within rounding of it, with its log-probability; the model
@@ -158,8 +170,17 @@ def test_bfloat16_backend_decodes_as_the_model_in_float32(medium):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(medium)
-    prompts = [tokenizer(p)["input_ids"] for p in ("Hello world", "The quick brown fox jumps over the lazy dog again", "a")]
+    long = " ".join(["The quick brown fox jumps over the lazy dog again"] * 12)
+    prompts = [tokenizer(p)["input_ids"] for p in ("Hello world", long, "a " + long[:200])]
     tokens = kv_cache.HEADROOM + 8
+    taken = []
+
+    def counting(module, query, key, value, mask, **kwargs):
+        taken.append(decode_attention.applies(query, key, value, mask, kwargs))
+        return attend(module, query, key, value, mask, **kwargs)
+
+    attend = decode_attention.attend
+    monkeypatch.setattr(decode_attention, "attend", counting)
     backend = HuggingFaceBackend(dataclasses.replace(ModelConfig.local(medium), dtype="bfloat16"), BatchingConfig())
     params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True, logprobs=0)
 
@@ -179,6 +200,7 @@ def test_bfloat16_backend_decodes_as_the_model_in_float32(medium):
             await backend.stop()
 
     answers = asyncio.run(scenario())
+    assert sum(taken) >= tokens  # the decode steps over the long contexts took it (every layer of most steps)
     reference = AutoModelForCausalLM.from_pretrained(medium, dtype=torch.float32).eval()
     worst_choice, worst_logprob = 0.0, 0.0
     for ids, answer in zip(prompts, answers):

@@ -19,8 +19,10 @@ step (a new shape costs oneDNN a new kernel: 0.5 ms against 0.04 for the probabi
 the values). So both products run over the whole buffer (:func:`.kv_cache.whole_buffer`):
 the spare positions' scores are dropped before the softmax and their probabilities are zeros
 (the buffer's spare positions hold zeros, never uninitialised memory). In process on the
-~110M Llama, bfloat16, 8 rows: 16.4 against 14.8 ms a step at 80-104 cached positions, 22.9
-against 19.5 at 200-224, 43.4 against 36.4 at 500-524; one row and short contexts the same.
+~110M Llama, bfloat16, the model's step alternating between the two, 8 rows: 16.3 against 13.9
+ms a step at 80-104 cached positions, 22.3 against 16.8 at 200-224, 43.6 against 22.2 at 500-524;
+16 rows at 200-224: 36.5 against 21.2. One row over a short context is quicker with SDPA's one
+kernel than with the few small ones here, so such steps keep it (:data:`MIN_ROW_POSITIONS`).
 Grouped-query attention needs no repeated keys: a row's query heads are viewed as
 ``[kv_heads, group]`` against its ``kv_heads`` keys. Every other pass (prompts, float32, a GPU,
 a position bias, attention weights asked for) goes to transformers' SDPA attention unchanged.
@@ -37,6 +39,10 @@ from . import kv_cache
 
 #: the dtypes whose CPU SDPA kernel is slow for one query token
 _REDUCED = (torch.bfloat16, torch.float16)
+#: a step attends over fewer row-positions than this with SDPA's kernel: one row over a short context
+#: is as quick or quicker there (the ~110M Llama, one row: 8.9 against 9.8 ms a step at 16-40 cached
+#: positions, even at ~210, 11.9 against 10.1 at ~510; eight rows over 16-40: 12.8 against 12.5)
+MIN_ROW_POSITIONS = 256
 #: keyword arguments that need SDPA's own handling (a paged cache, a position bias, weights out)
 _SDPA_ONLY = ("cache", "position_bias", "output_attentions")
 
@@ -45,10 +51,11 @@ def applies(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, kwargs: dict[str, Any]
 ) -> bool:
     """Whether :func:`attend` computes this attention itself: one query token per row, in
-    bfloat16 or float16, on CPU, a mask (if any) per row and key position only, and nothing
-    only SDPA handles."""
+    bfloat16 or float16, on CPU, at least :data:`MIN_ROW_POSITIONS` rows times cached positions,
+    a mask (if any) per row and key position only, and nothing only SDPA handles."""
     return (
         query.shape[2] == 1
+        and query.shape[0] * key.shape[2] >= MIN_ROW_POSITIONS
         and query.device.type == "cpu"
         and query.dtype in _REDUCED
         and key.dtype == value.dtype == query.dtype

@@ -25,7 +25,7 @@ from transformers.cache_utils import DynamicLayer
 #: spare positions a buffer gets when it is (re)allocated: one reallocation per this many steps
 HEADROOM = 32
 
-#: the buffers GrowingLayer allocated, by id, while they live (what :func:`whole_buffer` finds)
+#: the buffers GrowingLayer allocated, by address, while they live (what :func:`whole_buffer` finds)
 _buffers: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
 
 
@@ -90,7 +90,7 @@ class GrowingLayer(DynamicLayer):
             bufs.append(buf)
         self._kbuf, self._vbuf = bufs
         for buf in bufs:
-            _buffers[id(buf)] = buf
+            _buffers[buf.data_ptr()] = buf
         return bufs[0], bufs[1]
 
 
@@ -99,13 +99,14 @@ def whole_buffer(view: torch.Tensor) -> torch.Tensor:
     buffer's as ``update`` hands them out ([rows, heads, filled, dim] -> [rows, heads,
     capacity, dim], contiguous); ``view`` itself otherwise. The positions past the filled ones
     hold zeros or values of the same layer's earlier steps, never uninitialised memory: a
-    product over them with zero weights reads no NaN."""
-    buf = view._base
-    if buf is None or _buffers.get(id(buf)) is not buf or view.storage_offset() != buf.storage_offset():
+    product over them with zero weights reads no NaN. (Found by address, not by ``view._base``:
+    under ``torch.inference_mode``, where the decode loop runs, views keep no base.)"""
+    buf = _buffers.get(view.data_ptr()) if view.numel() else None
+    if buf is None or buf.data_ptr() != view.data_ptr() or buf.dtype != view.dtype or buf.device != view.device:
         return view
-    if view.stride() != buf.stride() or view.shape[:2] != buf.shape[:2] or not buf.is_contiguous():
+    if view.stride() != buf.stride() or view.shape[:2] != buf.shape[:2] or view.shape[3:] != buf.shape[3:]:
         return view
-    return buf
+    return buf if view.shape[2] <= buf.shape[2] else view
 
 
 def grow_in_place(cache: Any) -> None:
