@@ -153,11 +153,7 @@ class HuggingFaceBackend(Backend):
         self.default_seed: int | None = None if engine_args.get("seed") is None else int(engine_args["seed"])
         self.max_logprobs = int(engine_args.get("max_logprobs", DEFAULT_MAX_LOGPROBS))
         self.capabilities = Capabilities(
-            max_logprobs=max(self.max_logprobs, 0),
-            max_n=16,
-            penalties=True,
-            prompt_logprobs=True,
-            min_tokens=True,
+            max_logprobs=max(self.max_logprobs, 0), max_n=16, penalties=True, prompt_logprobs=True, min_tokens=True,
             structured_outputs=True,
         )
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="hf-model")
@@ -226,9 +222,7 @@ class HuggingFaceBackend(Backend):
             await asyncio.gather(run(prompt, long), run(prompt[:-1], long))
             await run(prompt, n=3)
         except Exception as exc:  # noqa: BLE001 - the model is still served; what did not compile runs eagerly
-            logger.warning(
-                "the decode step's warm-up stopped (%s: %s); what it did not compile runs eagerly", type(exc).__name__, exc
-            )
+            logger.warning("the decode step's warm-up stopped (%s: %s); what it did not compile runs eagerly", type(exc).__name__, exc)
         compiled.ready()
         state = "compiled" if compiled.active else "left eager (the compiler failed; see above)"
         logger.info("decode step %s in %.0f s", state, time.monotonic() - started)
@@ -428,7 +422,9 @@ class HuggingFaceBackend(Backend):
         """torch / transformers / tokenizers exceptions -> contract classes."""
         if isinstance(exc, torch.OutOfMemoryError):
             logger.warning("request %s: out of memory", request_id or "-")
-            return errors.Overloaded("The model ran out of memory serving this request; retry later or send a shorter request")
+            return errors.Overloaded(
+                "The model ran out of memory serving this request; retry later or send a shorter request"
+            )
         return errors.classify(exc, request_id)
 
     # ------------------------------------------------------------ generation

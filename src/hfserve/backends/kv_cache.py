@@ -57,9 +57,7 @@ class GrowingLayer(DynamicLayer):
         self._vbuf = value
         self._vlen = 0 if value is None or value.dim() < 2 else value.shape[-2]
 
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         kbuf, vbuf = self._kbuf, self._vbuf

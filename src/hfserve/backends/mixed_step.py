@@ -108,13 +108,7 @@ class MixedPass:
     gives each prompt's keys and values so far, per layer.
     """
 
-    def __init__(
-        self,
-        cache: Any,
-        rows: int,
-        chunks: Sequence[tuple[int, list[tuple[torch.Tensor, torch.Tensor]] | None]],
-        mask: torch.Tensor,
-    ):
+    def __init__(self, cache: Any, rows: int, chunks: Sequence[tuple[int, list[tuple[torch.Tensor, torch.Tensor]] | None]], mask: torch.Tensor):
         self.cache = cache
         self.rows = rows
         self.chunks = list(chunks)
@@ -127,10 +121,7 @@ class MixedPass:
             if done == 0:
                 self._chunk_masks.append(None)
             else:
-                seen = (
-                    torch.arange(done + length, device=mask.device)[None, :]
-                    <= (done + torch.arange(length, device=mask.device))[:, None]
-                )
+                seen = torch.arange(done + length, device=mask.device)[None, :] <= (done + torch.arange(length, device=mask.device))[:, None]
                 self._chunk_masks.append(seen[None, None])
         self._kv: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._layer: tuple[torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]] | None = None
@@ -144,9 +135,7 @@ class MixedPass:
         self._layer = None
 
     # what the model's attention layers call on their cache ---------------------------------
-    def update(
-        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Append the running rows' keys and values to their cache and each chunk's to its
         prompt's (the layer's attention, which runs next, reads both)."""
         n = self.rows
