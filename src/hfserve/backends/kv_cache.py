@@ -82,9 +82,12 @@ class GrowingLayer(DynamicLayer):
         bufs = []
         for old, new in ((self.keys, key_states), (self.values, value_states)):
             shape = (*new.shape[:-2], need + HEADROOM, new.shape[-1])
-            buf = torch.zeros(shape, dtype=new.dtype, device=new.device)  # spare positions: zeros (see whole_buffer)
+            buf = torch.empty(shape, dtype=new.dtype, device=new.device)
+            kept = 0
             if old is not None and old.dim() == 4 and self._len:
-                buf[..., : self._len, :] = old[..., : self._len, :]
+                kept = self._len
+                buf[..., :kept, :] = old[..., :kept, :]
+            buf[..., kept:, :].zero_()  # the rest zeros, never uninitialised memory (see whole_buffer)
             bufs.append(buf)
         self._kbuf, self._vbuf = bufs
         for buf in bufs:
