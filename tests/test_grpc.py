@@ -387,9 +387,14 @@ def test_client_cancellation_cancels_the_work(llama):
     params = {"max_tokens": 200, "ignore_eos": True}
     rid = f"cancel-{uuid.uuid4().hex[:8]}"
     with client(llama) as c:
-        started = time.monotonic()
-        c.infer(llama.name, [bytes_input(texts)], parameters=params)
-        full = time.monotonic() - started
+        while True:  # work that outlasts the 0.3 s deadline several times over, however quick the machine
+            started = time.monotonic()
+            c.infer(llama.name, [bytes_input(texts)], parameters=params)
+            full = time.monotonic() - started
+            if full >= 1.0 or len(texts) >= 64:
+                break
+            texts = texts * 2
+        assert full > 0.6, f"{len(texts)} requests of 200 tokens took only {full:.2f}s: no deadline of 0.3 s to pass"
         before = len(llama.log())
         err = grpc_error(c.infer, llama.name, [bytes_input(texts)], parameters=params, request_id=rid, client_timeout=0.3)
         assert err.status() == "StatusCode.DEADLINE_EXCEEDED"
