@@ -480,6 +480,45 @@ def test_after_a_batch_of_one_a_lone_request_starts_at_once():
     assert second < 1.0, "a lone request after a batch of one waited the idle time"
 
 
+def test_a_batch_closes_once_as_many_requests_as_the_last_one_have_joined():
+    """Concurrency 4: the four clients answered together call again; once all four are back the
+    batch closes without waiting the idle time. Three of them back (one client gone) still wait it,
+    and so does a batch after a batch of one that is not alone (nothing to count on)."""
+    batcher, sizes = windowed(max_wait_ms=10_000, idle_ms=1500)
+
+    async def timed(*values):
+        started = time.monotonic()
+        await asyncio.gather(*(batcher.submit("embed", [[v]]) for v in values))
+        return time.monotonic() - started
+
+    async def scenario():
+        return [await timed(*group) for group in ((1, 2, 3, 4), (5, 6, 7, 8), (9, 10, 11), (12, 13, 14))]
+
+    first, again, fewer, same_as_fewer = run(scenario())
+    assert sizes == [4, 4, 3, 3]
+    assert first >= 1.4, "the first batch did not wait for company"
+    assert again < 1.0, "four requests after a batch of four waited the idle time"
+    assert fewer >= 1.4, "three requests after a batch of four did not wait for the fourth"
+    assert same_as_fewer < 1.0, "three requests after a batch of three waited the idle time"
+
+
+def test_a_batch_that_closes_early_takes_every_request_waiting():
+    """Six requests at once after a batch of two: the batch closes when the second arrives, and it
+    takes the four beyond (all of them there by then), so batches grow with the load."""
+    batcher, sizes = windowed(max_wait_ms=10_000, idle_ms=1500)
+
+    async def scenario():
+        await asyncio.gather(*(batcher.submit("embed", [[v]]) for v in (1, 2)))
+        started = time.monotonic()
+        results = await asyncio.gather(*(batcher.submit("embed", [[v]]) for v in range(3, 9)))
+        return results, time.monotonic() - started
+
+    results, took = run(scenario())
+    assert results == [[[v]] for v in range(3, 9)]
+    assert sizes == [2, 6]
+    assert took < 1.0
+
+
 def test_requests_that_keep_coming_keep_the_batch_open():
     """Twelve arrivals 50 ms apart span 550 ms, longer than the 400 ms idle time, yet each
     comes within it of the one before: one batch."""
@@ -546,6 +585,28 @@ def test_a_lone_generation_request_after_a_lone_one_starts_at_once(models):
             assert len(ids[0]) == 2
         assert times[0] >= 1.4, "the first request did not wait for company"
         assert times[1] < 1.0, "a lone request after a lone one waited the idle time"
+    finally:
+        run(b.stop())
+
+
+def test_a_generation_batch_closes_once_as_many_requests_as_the_last_one_have_come(models):
+    b = HuggingFaceBackend(ModelConfig.local(models["llama"]), BatchingConfig(max_batch_wait_ms=10_000, batch_idle_ms=1500))
+    run(b.start())
+    try:
+
+        async def group(size):
+            started = time.monotonic()
+            done = await asyncio.gather(*(collect(b, [5, 6, 7 + i], greedy(2)) for i in range(size)))
+            assert all(len(ids[0]) == 2 for ids, _ in done)
+            return time.monotonic() - started
+
+        async def scenario():
+            return [await group(n) for n in (3, 3, 2)]
+
+        first, again, fewer = run(scenario())
+        assert first >= 1.4, "the first requests did not wait for company"
+        assert again < 1.0, "three requests after three admitted together waited the idle time"
+        assert fewer >= 1.4, "two requests after three admitted together did not wait for the third"
     finally:
         run(b.stop())
 

@@ -20,8 +20,9 @@ How a request flows
 2. The decode thread (:meth:`_schedule`) takes the waiting requests
    (:meth:`_take_incoming`): when nothing runs it first waits for the batch window
    (:class:`~.batching.BatchWindow`) so a burst is admitted together (unless the last
-   requests it admitted when idle came alone: concurrency 1 waits for nobody), and it never
-   runs more than ``max_batch_size`` rows.
+   requests it admitted when idle came alone: concurrency 1 waits for nobody; and no longer
+   than until as many have come as it admitted then), and it never runs more than
+   ``max_batch_size`` rows.
 3. Admission (:meth:`_admit`) gives each request its sampling state (generator,
    token counts) and its rows, each with a :class:`~.textstream.TextStream`.
    Decoder-only models: the requests admitted together share one left-padded prefill
@@ -528,6 +529,8 @@ class GenerationScheduler:
             if idle and self._incoming and self.window.expects_company(self._last_group):  # the batch window
                 first = self._incoming[0].arrived
                 while sum(j.rows for j in self._incoming) < self.max_batch_size and not self._stopping:
+                    if self.window.regathered(len(self._incoming), self._last_group):
+                        break
                     remaining = self.window.remaining(first, self._incoming[-1].arrived)
                     if remaining <= 0:
                         break
