@@ -519,6 +519,21 @@ def test_a_batch_that_closes_early_takes_every_request_waiting():
     assert took < 1.0
 
 
+def test_an_idle_time_of_the_whole_window_always_waits_it_out():
+    """--batch_idle_ms equal to --max_batch_wait_ms asks for full windows: a batch that has regained
+    the previous batch's size still waits."""
+    batcher, sizes = windowed(max_wait_ms=1200, idle_ms=1200)
+
+    async def scenario():
+        await asyncio.gather(*(batcher.submit("embed", [[v]]) for v in (1, 2)))
+        started = time.monotonic()
+        await asyncio.gather(*(batcher.submit("embed", [[v]]) for v in (3, 4)))
+        return time.monotonic() - started
+
+    assert run(scenario()) >= 1.1
+    assert sizes == [2, 2]
+
+
 def test_requests_that_keep_coming_keep_the_batch_open():
     """Twelve arrivals 50 ms apart span 550 ms, longer than the 400 ms idle time, yet each
     comes within it of the one before: one batch."""

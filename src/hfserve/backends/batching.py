@@ -70,14 +70,14 @@ class BatchWindow:
         one by one still meet in one batch."""
         return last_batch != 1
 
-    @staticmethod
-    def regathered(joined: int, last_batch: int) -> bool:
+    def regathered(self, joined: int, last_batch: int) -> bool:
         """Whether a forming batch closes before its time: once as many requests have joined it as the
         previous batch had, when that one had company. Clients answered together call again within a
         moment of each other, and once they are all back, waiting ``idle`` longer only delays them (at
         concurrency 8 a 5 ms wait per batch of ~17 ms); a batch still short of them waits as before,
-        and one that closes early takes every request then waiting, so batches grow with the load."""
-        return last_batch > 1 and joined >= last_batch
+        and one that closes early takes every request then waiting, so batches grow with the load.
+        Not when ``idle`` is the whole window: that asks for every batch to wait it out."""
+        return self.idle < self.max_wait and last_batch > 1 and joined >= last_batch
 
     def remaining(self, opened: float, latest: float) -> float:
         """Seconds left to wait for a batch that opened at ``opened`` and whose latest
