@@ -308,8 +308,9 @@ class HuggingFaceBackend(Backend):
         if self.device.type == "cpu" and self.model.dtype == torch.bfloat16 and not cpu_linear.native_bfloat16():
             logger.warning(
                 "--dtype bfloat16 on a CPU without native bfloat16 (no AMX, no AVX-512 BF16): its products are "
-                "emulated and its weights not prepacked; it still halves the memory each step reads, so compare "
-                "it with --dtype float32 (the default) under your load: either can be faster on such a CPU"
+                "emulated and its weights not prepacked; each step reads half the memory of float32, but a product "
+                "over several rows costs about one row's times the rows: bfloat16 can be faster for one request at "
+                "a time and --dtype float32 (the default) under concurrency; compare the two under your load"
             )
         if self.task.is_generative and self.device.type == "cpu" and self.lora is None and self.compiled is None:
             cpu_linear.prepack(self.model)  # weights in oneDNN's layout where it pays (see cpu_linear)
