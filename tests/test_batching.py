@@ -449,6 +449,13 @@ async def arrivals(batcher, count, gap_s):
     return await asyncio.gather(*tasks)
 
 
+async def together(batcher, *values):
+    """Submit one request per value at once; the seconds until all are answered."""
+    started = time.monotonic()
+    await asyncio.gather(*(batcher.submit("embed", [[v]]) for v in values))
+    return time.monotonic() - started
+
+
 def test_a_lone_request_waits_the_idle_time_not_the_window():
     batcher, sizes = windowed(max_wait_ms=10_000, idle_ms=30)
     started = time.monotonic()
@@ -462,16 +469,11 @@ def test_after_a_batch_of_one_a_lone_request_starts_at_once():
     not wait the idle time; once a batch had company, a lone request waits for company again."""
     batcher, sizes = windowed(max_wait_ms=10_000, idle_ms=1500)
 
-    async def timed(*values):
-        started = time.monotonic()
-        await asyncio.gather(*(batcher.submit("embed", [[v]]) for v in values))
-        return time.monotonic() - started
-
     async def scenario():
-        first = await timed(1)  # nothing before it: waits for company
-        second = await timed(2)  # after a batch of one: at once
-        pair = await timed(3, 4)  # a batch of two (both arrive within the idle time)
-        after_pair = await timed(5)  # company expected again: waits
+        first = await together(batcher, 1)  # nothing before it: waits for company
+        second = await together(batcher, 2)  # after a batch of one: at once
+        pair = await together(batcher, 3, 4)  # a batch of two (both arrive within the idle time)
+        after_pair = await together(batcher, 5)  # company expected again: waits
         return first, second, pair, after_pair
 
     first, second, _, after_pair = run(scenario())
@@ -482,17 +484,12 @@ def test_after_a_batch_of_one_a_lone_request_starts_at_once():
 
 def test_a_batch_closes_once_as_many_requests_as_the_last_one_have_joined():
     """Concurrency 4: the four clients answered together call again; once all four are back the
-    batch closes without waiting the idle time. Three of them back (one client gone) still wait it,
-    and so does a batch after a batch of one that is not alone (nothing to count on)."""
+    batch closes without waiting the idle time. Three of them back (one client gone) still wait it;
+    the next three, after that batch of three, do not."""
     batcher, sizes = windowed(max_wait_ms=10_000, idle_ms=1500)
 
-    async def timed(*values):
-        started = time.monotonic()
-        await asyncio.gather(*(batcher.submit("embed", [[v]]) for v in values))
-        return time.monotonic() - started
-
     async def scenario():
-        return [await timed(*group) for group in ((1, 2, 3, 4), (5, 6, 7, 8), (9, 10, 11), (12, 13, 14))]
+        return [await together(batcher, *group) for group in ((1, 2, 3, 4), (5, 6, 7, 8), (9, 10, 11), (12, 13, 14))]
 
     first, again, fewer, same_as_fewer = run(scenario())
     assert sizes == [4, 4, 3, 3]
@@ -525,10 +522,8 @@ def test_an_idle_time_of_the_whole_window_always_waits_it_out():
     batcher, sizes = windowed(max_wait_ms=1200, idle_ms=1200)
 
     async def scenario():
-        await asyncio.gather(*(batcher.submit("embed", [[v]]) for v in (1, 2)))
-        started = time.monotonic()
-        await asyncio.gather(*(batcher.submit("embed", [[v]]) for v in (3, 4)))
-        return time.monotonic() - started
+        await together(batcher, 1, 2)
+        return await together(batcher, 3, 4)
 
     assert run(scenario()) >= 1.1
     assert sizes == [2, 2]
