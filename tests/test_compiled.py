@@ -69,7 +69,9 @@ def _reference_model(path: str):
 
 @pytest.fixture(scope="module")
 def compiled_backend(models):
+    counters.clear()
     backend = start(models["llama"], compile=True)
+    backend.graph_breaks = dict(counters["graph_break"])
     registry = backend.scheduler.engine_stats.registry
     backend.at_ready = {s.name: s.value for m in registry.collect() for s in m.samples if s.name.endswith("_tokens_total")}
     backend.at_ready["compiled_steps"] = backend.scheduler.forward.steps
@@ -83,6 +85,9 @@ def test_decode_steps_run_compiled_and_give_transformers_tokens(compiled_backend
     before = forward.steps
     got = generate_all(compiled_backend, PROMPTS)
     assert forward.steps > before  # the steps above ran in the compiled model
+    # each graph is a whole step: a break splits a step into a graph per layer, specialised on the
+    # layer's index, until the recompile limit leaves the rest of the layers eager
+    assert compiled_backend.graph_breaks == {}
     for prompt, tokens in zip(PROMPTS, got):
         assert tokens == reference(str(models["llama"]), tuple(prompt), 12), prompt
 

@@ -90,8 +90,9 @@ class GrowingLayer(DynamicLayer):
             buf[..., kept:, :].zero_()  # the rest zeros, never uninitialised memory (see whole_buffer)
             bufs.append(buf)
         self._kbuf, self._vbuf = bufs
-        for buf in bufs:
-            _buffers[buf.data_ptr()] = buf
+        if not torch.compiler.is_compiling():  # a compiled step keeps transformers' attention (and cannot trace weakrefs)
+            for buf in bufs:
+                _buffers[buf.data_ptr()] = buf
         return bufs[0], bufs[1]
 
 
