@@ -6,6 +6,7 @@ transformers' own ``generate``."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import math
 import shutil
@@ -174,6 +175,31 @@ def test_packed_float32_model_computes_what_the_plain_one_does(medium, monkeypat
     expected, got = _greedy_steps(plain, tokenizer), _greedy_steps(packed, tokenizer)
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
     assert torch.allclose(got, expected, atol=1e-4 * expected.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_bf16_kernels)])
+def test_a_compiled_graph_calls_the_packed_product(dtype, monkeypatch):
+    """``--compile`` keeps the packed weights: under torch.compile (with freezing, as
+    backends/compiled.py compiles) a packed layer is one call of the packed product in the
+    generated code, with no graph break, and the compiled module computes what the plain one does."""
+    from torch._dynamo.utils import counters
+    from torch._inductor.utils import run_and_get_code
+
+    monkeypatch.setattr(cpu_linear, "FLOAT32_GAIN", 0.0)  # every float32 shape pays
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Linear(512, 512, bias=False), torch.nn.SiLU(), torch.nn.Linear(512, 512)).to(dtype).eval()
+    packed = copy.deepcopy(plain)
+    assert cpu_linear.prepack(packed) == 2
+    x = torch.randn(3, 512, dtype=dtype)
+    counters.clear()
+    compiled = torch.compile(packed, fullgraph=True, options={"freezing": True})
+    with torch.inference_mode():
+        expected = plain(x)
+        got, code = run_and_get_code(compiled, x)
+    assert not counters["graph_break"]
+    assert sum(c.count("torch.ops.hfserve.packed_linear.default(") for c in code) == 2, code
+    tolerance = 1e-4 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(got, expected, atol=tolerance * expected.abs().max().item(), rtol=0)
 
 
 @needs_bf16_kernels

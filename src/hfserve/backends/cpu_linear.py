@@ -156,12 +156,26 @@ def float32_shapes_that_pay(layers: list[nn.Linear]) -> set[tuple[int, int]]:
     return pays
 
 
+@torch.library.custom_op("hfserve::packed_linear", mutates_args=())
+def packed_linear(input: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """oneDNN's product by a prepacked weight, as one operator a compiled graph calls as it is
+    (inductor lowers ``mkldnn._linear_pointwise`` only for weights it packed itself)."""
+    return torch.ops.mkldnn._linear_pointwise(input, packed_weight, bias, "none", [], "")
+
+
+@packed_linear.register_fake
+def _packed_linear_shape(input: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    return input.new_empty((*input.shape[:-1], out_features))
+
+
 class PackedLinear(nn.Linear):
     """An ``nn.Linear`` whose forward pass multiplies by its prepacked oneDNN weight."""
 
     packed_weight: torch.Tensor
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return packed_linear(input, self.packed_weight, self.bias, self.out_features)
         return torch.ops.mkldnn._linear_pointwise(input, self.packed_weight, self.bias, "none", [], "")
 
 

@@ -312,7 +312,7 @@ class HuggingFaceBackend(Backend):
                 "over several rows costs about one row's times the rows: bfloat16 can be faster for one request at "
                 "a time and --dtype float32 (the default) under concurrency; compare the two under your load"
             )
-        if self.task.is_generative and self.device.type == "cpu" and self.lora is None and self.compiled is None:
+        if self.task.is_generative and self.device.type == "cpu" and self.lora is None:
             cpu_linear.prepack(self.model)  # weights in oneDNN's layout where it pays (see cpu_linear)
         if self.task.is_generative:
             # hfserve's attention (SDPA's, with a faster decode step in bfloat16 on CPU and prompts
