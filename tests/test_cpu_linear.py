@@ -1,4 +1,5 @@
-"""Prepacked oneDNN linear weights for bfloat16 on CPU (src/hfserve/backends/cpu_linear.py): the
+"""Prepacked oneDNN linear weights for bfloat16 on CPU (src/hfserve/backends/cpu_linear.py; on an
+AVX-512 BF16 CPU the bfloat16 layers may be hfserve's own kernel's, tests/test_bf16_kernel.py): the
 packed model computes what the plain one does, releases the plain weights it no longer reads,
 keeps tied ones, float32 weights are packed only for the shapes where it pays on this CPU, and the transformers backend's answers equal
 transformers' own ``generate``."""
@@ -95,7 +96,7 @@ def test_packed_model_computes_what_the_plain_one_does(medium):
     plain, packed = _load(medium, torch.bfloat16), _load(medium, torch.bfloat16)
     # per decoder layer q, k, v, o, gate, up, down, and the output layer
     assert cpu_linear.prepack(packed) == 2 * 7 + 1
-    assert all(type(m) is cpu_linear.PackedLinear for m in packed.modules() if isinstance(m, torch.nn.Linear))
+    assert all(isinstance(m, cpu_linear.PackedLinear) for m in packed.modules() if isinstance(m, torch.nn.Linear))
     expected, got = _greedy_steps(plain, tokenizer), _greedy_steps(packed, tokenizer)
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
     assert torch.allclose(got, expected, atol=5e-2 * expected.abs().max().item(), rtol=0)
@@ -186,6 +187,7 @@ def test_a_compiled_graph_calls_the_packed_product(dtype, monkeypatch):
     from torch._inductor.utils import run_and_get_code
 
     monkeypatch.setattr(cpu_linear, "FLOAT32_GAIN", 0.0)  # every float32 shape pays
+    monkeypatch.setattr(cpu_linear, "KERNEL_GAIN", math.inf)  # bfloat16 with oneDNN (the kernel: test_bf16_kernel.py)
     torch.manual_seed(0)
     plain = torch.nn.Sequential(torch.nn.Linear(512, 512, bias=False), torch.nn.SiLU(), torch.nn.Linear(512, 512)).to(dtype).eval()
     packed = copy.deepcopy(plain)
@@ -212,7 +214,7 @@ def test_plain_weights_are_released_and_tied_ones_kept(medium_tied):
     assert {name: tuple(p.shape) for name, p in model.named_parameters()} == shapes  # what others read stays
     q_proj = model.model.layers[0].self_attn.q_proj
     assert q_proj.weight.untyped_storage().nbytes() == q_proj.weight.element_size()  # released
-    assert type(model.lm_head) is cpu_linear.PackedLinear
+    assert isinstance(model.lm_head, cpu_linear.PackedLinear)
     assert model.lm_head.weight is embedding and embedding.untyped_storage().nbytes() == embedding.numel() * 2
     with torch.inference_mode():  # the embedding still looks tokens up
         assert torch.equal(model.get_input_embeddings()(torch.tensor([3])), embedding[3:4])

@@ -29,6 +29,13 @@ keeps it. Small layers stay as they are: there the per-call overhead dominates. 
 where oneDNN has no bfloat16 kernels (no AVX-512 BW/VL/DQ, no AVX-NE-CONVERT: e.g. an AVX2-only
 CPU) no bfloat16 layer is packed and the model runs with its plain weights; :func:`supported`
 finds that out once per dtype, by packing a small matrix.
+
+On a CPU with AVX-512 BF16, bfloat16 layers may instead go to hfserve's own kernel
+(:mod:`.bf16_kernel`), which streams the weights up to twice as fast as oneDNN's product at a decode
+step's few rows there: each distinct bfloat16 weight shape is timed both ways at load (one row and
+:data:`BATCH_HINT` rows, one thread, as above) and goes to the kernel when its product is at least
+:data:`KERNEL_GAIN` times oneDNN's (:func:`bfloat16_shapes_for_the_kernel`); such a layer is a
+:class:`BlockedLinear`.
 """
 
 from __future__ import annotations
@@ -43,6 +50,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from . import bf16_kernel
+
 logger = logging.getLogger("hfserve.backends.cpu_linear")
 
 #: weight matrices with fewer elements are left alone (a 512 x 512 matrix and larger is packed)
@@ -56,6 +65,11 @@ _DTYPES = (torch.bfloat16, torch.float32)
 #: thread: on the AVX2 EPYC the one-thread gains were the smaller, e.g. 768 x 768 1.2x against
 #: 1.5x on two threads)
 FLOAT32_GAIN = 1.05
+#: a bfloat16 weight shape goes to hfserve's kernel when its product is at least this much faster
+#: than oneDNN's packed one (geometric mean of the speed-ups at one row and BATCH_HINT rows, one
+#: thread; on the AVX-512 EPYC of docs/benchmarks.md, ninth sitting, 768 x 2048 at 1 and 8 rows:
+#: about 2x)
+KERNEL_GAIN = 1.0
 
 
 def available() -> bool:
@@ -156,6 +170,43 @@ def float32_shapes_that_pay(layers: list[nn.Linear]) -> set[tuple[int, int]]:
     return pays
 
 
+def kernel_speedup(weight: torch.Tensor, packed: torch.Tensor, blocked: torch.Tensor, rows: int) -> float:
+    """How many times faster hfserve's bfloat16 kernel's product by ``blocked`` is than oneDNN's by
+    ``packed`` (both holding ``weight``), at ``rows`` rows (timed on one thread, the two alternating)."""
+    x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
+    out_features = int(weight.shape[0])
+    with torch.no_grad(), _one_thread():
+        onednn, kernel = _fastest_pair_us(
+            lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""),
+            lambda: bf16_kernel.linear(x, blocked, None, out_features),
+        )
+    return onednn / kernel
+
+
+def bfloat16_shapes_for_the_kernel(layers: list[nn.Linear]) -> set[tuple[int, int]]:
+    """The weight shapes among ``layers`` (bfloat16) whose product by hfserve's kernel is, timed here
+    and now, at least :data:`KERNEL_GAIN` times oneDNN's over one row and BATCH_HINT rows; none where
+    the kernel is not available (:func:`.bf16_kernel.available`)."""
+    if not layers or not bf16_kernel.available():
+        return set()
+    first: dict[tuple[int, int], torch.Tensor] = {}
+    for layer in layers:
+        first.setdefault((int(layer.weight.shape[0]), int(layer.weight.shape[1])), layer.weight.detach())
+    chosen: set[tuple[int, int]] = set()
+    for shape, weight in first.items():
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, BATCH_HINT)
+        blocked = bf16_kernel.pack(weight)
+        one, many = kernel_speedup(weight, packed, blocked, 1), kernel_speedup(weight, packed, blocked, BATCH_HINT)
+        gain = math.sqrt(one * many)
+        logger.info(
+            "bfloat16 %dx%d weights: hfserve's kernel %.2fx oneDNN's packed product at 1 row, %.2fx at %d rows: %s",
+            shape[1], shape[0], one, many, BATCH_HINT, "hfserve's kernel" if gain >= KERNEL_GAIN else "oneDNN",
+        )  # fmt: skip
+        if gain >= KERNEL_GAIN:
+            chosen.add(shape)
+    return chosen
+
+
 @torch.library.custom_op("hfserve::packed_linear", mutates_args=())
 def packed_linear(input: torch.Tensor, packed_weight: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
     """oneDNN's product by a prepacked weight, as one operator a compiled graph calls as it is
@@ -177,6 +228,14 @@ class PackedLinear(nn.Linear):
         if torch.compiler.is_compiling():
             return packed_linear(input, self.packed_weight, self.bias, self.out_features)
         return torch.ops.mkldnn._linear_pointwise(input, self.packed_weight, self.bias, "none", [], "")
+
+
+class BlockedLinear(PackedLinear):
+    """An ``nn.Linear`` (bfloat16) whose forward pass is hfserve's kernel (:mod:`.bf16_kernel`) by its
+    weight blocked for it (``packed_weight``); an operator ``torch.compile`` keeps as it is."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return bf16_kernel.linear(input, self.packed_weight, self.bias, self.out_features)
 
 
 def _packable(layer: nn.Module) -> bool:
@@ -201,6 +260,7 @@ def prepack(model: nn.Module) -> int:
         layers = [layer for layer in layers if layer.weight.dtype != torch.float32 or tuple(layer.weight.shape) in pays]
     if not layers:
         return 0
+    for_kernel = bfloat16_shapes_for_the_kernel([layer for layer in layers if layer.weight.dtype == torch.bfloat16])
     # a weight used anywhere but by its one linear layer (tied input and output embeddings)
     owners: dict[int, int] = {}
     for module in model.modules():
@@ -209,10 +269,18 @@ def prepack(model: nn.Module) -> int:
     with torch.no_grad():
         for layer in layers:
             weight: torch.Tensor = layer.weight
-            layer.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), BATCH_HINT)
+            kernel = weight.dtype == torch.bfloat16 and (int(weight.shape[0]), int(weight.shape[1])) in for_kernel
+            if kernel:
+                layer.packed_weight = bf16_kernel.pack(weight)
+            else:
+                layer.packed_weight = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), BATCH_HINT)
             if owners[id(weight)] == 1:  # nobody else reads it: keep its shape, free its storage
                 stub = torch.zeros((), dtype=weight.dtype, device=weight.device).expand(weight.shape)
                 layer.weight = nn.Parameter(stub, requires_grad=False)
-            layer.__class__ = PackedLinear
-    logger.info("prepacked %d linear layers for oneDNN (CPU generation)", len(layers))
+            layer.__class__ = BlockedLinear if kernel else PackedLinear
+    blocked = sum(isinstance(layer, BlockedLinear) for layer in layers)
+    logger.info(
+        "prepacked %d linear layers for CPU generation: %d for hfserve's bfloat16 kernel, %d for oneDNN",
+        len(layers), blocked, len(layers) - blocked,
+    )  # fmt: skip
     return len(layers)

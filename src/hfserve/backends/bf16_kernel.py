@@ -1,0 +1,98 @@
+"""A bfloat16 linear layer for decode steps on CPUs with AVX-512 BF16, where oneDNN leaves half the memory's speed unused.
+
+A decode step of a small model on CPU is its weights streaming from memory: each product reads its
+whole weight for a few rows of input. On a 2-core AMD EPYC with AVX-512 BF16 (no AMX), one thread
+summing a 200 MB tensor reads 22.7 GB/s, but oneDNN's prepacked bfloat16 product
+(``brg_matmul:avx512_core_bf16``, what :mod:`.cpu_linear` packs for) streams 768 x 2048 weights at
+8.8 GB/s on one thread and 13-17 on two, at 1 to 16 rows, and the ~110M Llama's decode step spent
+half its time there (docs/benchmarks.md, ninth sitting). The kernel in ``bf16_kernel.cpp`` blocks
+the weight once as ``[N/16][K/2][16][2]`` (one 64-byte vector of 16 outputs by 2 inputs, what
+``vdpbf16ps`` multiplies by a broadcast pair of inputs) and streams it front to back with every
+row's float32 sums in registers: 20.7 GB/s on one thread, 24-31 on two, at 1 to 8 rows; at 64 rows
+(a prefill) it is as fast as oneDNN (both bound by the ``vdpbf16ps`` throughput).
+
+It is a PyTorch operator, ``torch.ops.hfserve_bf16.linear(input, blocked_weight, bias,
+out_features)``, built from the C++ source beside this module by
+``torch.utils.cpp_extension.load`` the first time a process needs it on a machine (about 40 s; the
+build is cached under ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``, and
+rebuilt when the source changes), with a fake implementation so that ``torch.compile`` puts it in
+its graphs as it is. :func:`available` says whether it can run here: the CPU has AVX-512 BF16, the
+build succeeded (it needs a C++ compiler and ninja) and the built operator computes what
+``torch.nn.functional.linear`` computes on a small matrix. Where not, :mod:`.cpu_linear` packs
+for oneDNN as before. Which of the two a model's layers use is timed at load (cpu_linear).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import pathlib
+
+import torch
+
+logger = logging.getLogger("hfserve.backends.bf16_kernel")
+
+SOURCE = pathlib.Path(__file__).with_name("bf16_kernel.cpp")
+#: the extension's name (its build directory under TORCH_EXTENSIONS_DIR)
+NAME = "hfserve_bf16_kernel"
+BLOCK = 16
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
+
+
+def cpu_has_avx512_bf16() -> bool:
+    return bool(getattr(getattr(torch, "cpu", None), "_is_avx512_bf16_supported", lambda: False)())
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` ([out_features, in_features], bfloat16) blocked for the kernel: [N/16][K/2][16][2],
+    outputs padded with zeros to a multiple of 16 and inputs to an even count."""
+    n, k = weight.shape
+    padded = torch.nn.functional.pad(weight.detach(), (0, k % 2, 0, -n % BLOCK))
+    return padded.view(padded.shape[0] // BLOCK, BLOCK, padded.shape[1] // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+def linear(input: torch.Tensor, blocked: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """``input @ weight.T + bias`` by the kernel (:func:`available` must have said yes)."""
+    return torch.ops.hfserve_bf16.linear(input, blocked, bias, out_features)
+
+
+def _output_shape(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    return input.new_empty((*input.shape[:-1], out_features))
+
+
+@functools.cache
+def _build() -> None:
+    from torch.utils import cpp_extension
+
+    logger.info("building hfserve's bfloat16 linear kernel for this CPU (once per machine and source; cached)")
+    cpp_extension.load(name=NAME, sources=[str(SOURCE)], extra_cflags=FLAGS, is_python_module=False, verbose=False)
+    torch.library.register_fake("hfserve_bf16::linear")(_output_shape)
+
+
+def _computes_right() -> bool:
+    generator = torch.Generator().manual_seed(0)
+    for rows, out_features, in_features in ((1, 40, 33), (7, 48, 64), (9, 33, 32)):
+        x = torch.randn(rows, in_features, generator=generator).to(torch.bfloat16)
+        weight = torch.randn(out_features, in_features, generator=generator).to(torch.bfloat16)
+        bias = torch.randn(out_features, generator=generator).to(torch.bfloat16)
+        expected = torch.nn.functional.linear(x.float(), weight.float(), bias.float())
+        got = linear(x, pack(weight), bias, out_features).float()
+        if not torch.allclose(got, expected, atol=0.02 * float(expected.abs().max()), rtol=0):
+            return False
+    return True
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the kernel runs on this machine (built once, checked once per process)."""
+    if not cpu_has_avx512_bf16():
+        return False
+    try:
+        _build()
+        right = _computes_right()
+    except Exception as exc:  # noqa: BLE001 - a missing compiler or ninja, a failed build, a library that will not load: oneDNN instead
+        logger.warning("hfserve's bfloat16 linear kernel is not available here (%s); bfloat16 layers use oneDNN", exc)
+        return False
+    if not right:
+        logger.warning("hfserve's bfloat16 linear kernel computed wrong products on this machine; bfloat16 layers use oneDNN")
+    return right
