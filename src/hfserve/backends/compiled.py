@@ -5,9 +5,9 @@ a separate dispatch from Python (on a small model most of the step), and the ele
 (normalisation, rotary embeddings, activations) each read and write their tensors once more.
 Inductor fuses them into a few generated kernels and, with ``freezing``, treats the weights as
 constants. On CPU the large linear layers keep the weights :mod:`.cpu_linear` prepacked for
-oneDNN, each one call of its product in the graph (inductor's own frozen bfloat16 products were
-slower: a 12-layer stack of the ~110M Llama's linear layers, one row, 28.5 ms against 15.8
-packed). Measured on 2 cores (docs/benchmarks.md): the scheduler alone, the test-fixture Llama at
+oneDNN (or blocked for :mod:`.bf16_kernel`), each one call of its product in the graph
+(inductor's own frozen bfloat16 products were slower: a 12-layer stack of the ~110M Llama's
+linear layers, one row, 28.5 ms against 15.8 packed). Measured on 2 cores (docs/benchmarks.md): the scheduler alone, the test-fixture Llama at
 8 requests, 4553 -> 5427 tokens/s; through the server beside its peers, 3832 -> 4585 at
 concurrency 8 (1.6-1.8x vLLM's own server and ``transformers serve``), and a ~110M Llama in
 float32 at concurrency 1, 43 -> 49. Where a step is mostly weights streaming from memory (the
