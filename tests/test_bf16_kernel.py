@@ -149,7 +149,7 @@ def _no_compiler():
 def test_a_machine_that_cannot_build_it_keeps_onednn(build, right, warning, monkeypatch, caplog):
     """No compiler (or any failed build), or a build whose products are wrong: a warning, and
     bfloat16 layers packed for oneDNN."""
-    monkeypatch.setattr(bf16_kernel, "_build", build)
+    monkeypatch.setattr(bf16_kernel, "build", build)
     monkeypatch.setattr(bf16_kernel, "_computes_right", lambda: right)
     bf16_kernel.available.cache_clear()
     try:
@@ -168,7 +168,7 @@ def test_a_cpu_without_avx512_bf16_never_builds_it(monkeypatch):
         raise AssertionError("built on a CPU without AVX-512 BF16")
 
     monkeypatch.setattr(bf16_kernel, "cpu_has_avx512_bf16", lambda: False)
-    monkeypatch.setattr(bf16_kernel, "_build", build)
+    monkeypatch.setattr(bf16_kernel, "build", build)
     bf16_kernel.available.cache_clear()
     try:
         assert not bf16_kernel.available()

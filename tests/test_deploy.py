@@ -100,6 +100,25 @@ def stages(path: pathlib.Path) -> list[list[tuple[str, str]]]:
     return out
 
 
+def shell_commands(line: str) -> list[list[str]]:
+    """The words of each simple command in a shell line (split at ``&&``, ``||``, ``;`` and ``|``
+    outside quotes: a ``;`` inside ``python -c "..."`` stays in its argument)."""
+    lexer = shlex.shlex(line, posix=True, punctuation_chars=";&|<>")
+    lexer.whitespace_split = True
+    commands: list[list[str]] = [[]]
+    for token in lexer:
+        if token and set(token) <= set(";&|"):
+            commands.append([])
+        else:
+            commands[-1].append(token)
+    return [words for words in commands if words]
+
+
+def test_shell_commands_split_outside_quotes():
+    line = 'python -c "import a; a.b()" && pip install "x==1" || true; echo done | cat'
+    assert shell_commands(line) == [["python", "-c", "import a; a.b()"], ["pip", "install", "x==1"], ["true"], ["echo", "done"], ["cat"]]
+
+
 def pip_installs(path: pathlib.Path) -> list[list[str]]:
     """The arguments of every `pip install` in a RUN instruction, ARGs expanded."""
     variables = arg_defaults(path)
@@ -107,8 +126,7 @@ def pip_installs(path: pathlib.Path) -> list[list[str]]:
     for keyword, rest in instructions(path):
         if keyword != "RUN":
             continue
-        for command in re.split(r"&&|;|\|\|", rest):
-            words = shlex.split(expand(command, variables))
+        for words in shell_commands(expand(rest, variables)):
             while words and words[0] in ("python", "python3", "-m"):
                 words = words[1:]
             if words[:2] == ["pip", "install"]:

@@ -61,7 +61,8 @@ def _output_shape(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
 
 @functools.cache
-def _build() -> None:
+def build() -> None:
+    """Compile the kernel for this machine (or load the cached build) and register its operator."""
     from torch.utils import cpp_extension
 
     logger.info("building hfserve's bfloat16 linear kernel for this CPU (once per machine and source; cached)")
@@ -88,7 +89,7 @@ def available() -> bool:
     if not cpu_has_avx512_bf16():
         return False
     try:
-        _build()
+        build()
         right = _computes_right()
     except Exception as exc:  # noqa: BLE001 - a missing compiler or ninja, a failed build, a library that will not load: oneDNN instead
         logger.warning("hfserve's bfloat16 linear kernel is not available here (%s); bfloat16 layers use oneDNN", exc)
@@ -96,3 +97,8 @@ def available() -> bool:
     if not right:
         logger.warning("hfserve's bfloat16 linear kernel computed wrong products on this machine; bfloat16 layers use oneDNN")
     return right
+
+
+if __name__ == "__main__":  # ``python -m hfserve.backends.bf16_kernel``: build ahead (the CPU image does)
+    logging.basicConfig(level=logging.INFO)
+    build()
