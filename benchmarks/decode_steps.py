@@ -15,11 +15,12 @@ The variants:
 
 - ``plain``: transformers' own layers (``nn.Linear`` with plain weights, the concatenating
   ``DynamicLayer`` KV cache): what the backend did before issue 16;
-- ``packed``: large linear weights prepacked for oneDNN (backends/cpu_linear.py);
+- ``packed``: large linear weights prepacked for oneDNN, or in bfloat16 on a CPU with AVX-512 BF16
+  blocked for hfserve's own kernel where it is faster (backends/cpu_linear.py, bf16_kernel.py);
 - ``packed+kv``: that and the KV cache layer that appends in place (backends/kv_cache.py): today's
   backend;
 - ``compiled``: today's backend with ``--compile`` (backends/compiled.py: the decode step compiled
-  before the backend is ready; weights not prepacked, inductor freezes them);
+  before the backend is ready, around the packed weights' products, one operator each);
 
 and, with ``--ceiling``, transformers' batched ``generate`` at batch ``concurrency`` on the plain
 model. Each variant runs in its own process (a variant's weights and oneDNN caches do not help the
