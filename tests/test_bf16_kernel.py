@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from hfserve.backends import bf16_kernel, cpu_linear
+from tests.test_cpu_linear import compiled_run, two_linear_layers
 
 needs_kernel = pytest.mark.skipif(
     not (bf16_kernel.cpu_has_avx512_bf16() and cpu_linear.supported()), reason="this CPU has no AVX-512 BF16: the kernel is never used here"
@@ -114,23 +115,16 @@ def test_the_timing_compares_the_two_real_products():
 def test_a_compiled_graph_calls_the_kernel():
     """Under torch.compile (freezing, as backends/compiled.py compiles) each kernel layer is one call
     of the operator in the generated code, with no graph break."""
-    from torch._dynamo.utils import counters
-    from torch._inductor.utils import run_and_get_code
-
-    torch.manual_seed(0)
-    plain = torch.nn.Sequential(torch.nn.Linear(512, 512, bias=False), torch.nn.SiLU(), torch.nn.Linear(512, 512)).to(torch.bfloat16).eval()
+    plain = two_linear_layers(torch.bfloat16)
     model = copy.deepcopy(plain)
     for layer in (model[0], model[2]):
         layer.packed_weight = bf16_kernel.pack(layer.weight)
         layer.__class__ = cpu_linear.BlockedLinear
     x = torch.randn(3, 512, dtype=torch.bfloat16)
-    counters.clear()
-    compiled = torch.compile(model, fullgraph=True, options={"freezing": True})
+    got, code = compiled_run(model, x)
+    assert sum(c.count("torch.ops.hfserve_bf16.linear.default(") for c in code) == 2, code
     with torch.inference_mode():
         expected = plain(x)
-        got, code = run_and_get_code(compiled, x)
-    assert not counters["graph_break"]
-    assert sum(c.count("torch.ops.hfserve_bf16.linear.default(") for c in code) == 2, code
     torch.testing.assert_close(got, expected, atol=0.05 * expected.abs().max().item(), rtol=0)
 
 

@@ -183,25 +183,38 @@ def test_a_compiled_graph_calls_the_packed_product(dtype, monkeypatch):
     """``--compile`` keeps the packed weights: under torch.compile (with freezing, as
     backends/compiled.py compiles) a packed layer is one call of the packed product in the
     generated code, with no graph break, and the compiled module computes what the plain one does."""
-    from torch._dynamo.utils import counters
-    from torch._inductor.utils import run_and_get_code
-
     monkeypatch.setattr(cpu_linear, "FLOAT32_GAIN", 0.0)  # every float32 shape pays
     monkeypatch.setattr(cpu_linear, "KERNEL_GAIN", math.inf)  # bfloat16 with oneDNN (the kernel: test_bf16_kernel.py)
-    torch.manual_seed(0)
-    plain = torch.nn.Sequential(torch.nn.Linear(512, 512, bias=False), torch.nn.SiLU(), torch.nn.Linear(512, 512)).to(dtype).eval()
+    plain = two_linear_layers(dtype)
     packed = copy.deepcopy(plain)
     assert cpu_linear.prepack(packed) == 2
     x = torch.randn(3, 512, dtype=dtype)
-    counters.clear()
-    compiled = torch.compile(packed, fullgraph=True, options={"freezing": True})
+    got, code = compiled_run(packed, x)
+    assert sum(c.count("torch.ops.hfserve.packed_linear.default(") for c in code) == 2, code
     with torch.inference_mode():
         expected = plain(x)
-        got, code = run_and_get_code(compiled, x)
-    assert not counters["graph_break"]
-    assert sum(c.count("torch.ops.hfserve.packed_linear.default(") for c in code) == 2, code
     tolerance = 1e-4 if dtype == torch.float32 else 5e-2
     torch.testing.assert_close(got, expected, atol=tolerance * expected.abs().max().item(), rtol=0)
+
+
+def two_linear_layers(dtype: torch.dtype) -> torch.nn.Sequential:
+    """Two 512 x 512 linear layers (one with a bias) around an activation, seeded."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(512, 512, bias=False), torch.nn.SiLU(), torch.nn.Linear(512, 512)).to(dtype).eval()
+
+
+def compiled_run(model: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+    """``model(x)`` compiled as backends/compiled.py compiles (freezing, one whole graph), with the
+    generated code; fails on a graph break."""
+    from torch._dynamo.utils import counters
+    from torch._inductor.utils import run_and_get_code
+
+    counters.clear()
+    compiled = torch.compile(model, fullgraph=True, options={"freezing": True})
+    with torch.inference_mode():
+        got, code = run_and_get_code(compiled, x)
+    assert not counters["graph_break"]
+    return got, code
 
 
 @needs_bf16_kernels

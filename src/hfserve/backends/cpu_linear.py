@@ -150,24 +150,47 @@ def speedup(weight: torch.Tensor, packed: torch.Tensor, rows: int) -> float:
     return plain / onednn
 
 
-def float32_shapes_that_pay(layers: list[nn.Linear]) -> set[tuple[int, int]]:
-    """The weight shapes among ``layers`` (float32) whose oneDNN product is, timed here and now, at
-    least :data:`FLOAT32_GAIN` times faster than the plain one over one row and BATCH_HINT rows."""
+def _first_weight_per_shape(layers: list[nn.Linear]) -> dict[tuple[int, int], torch.Tensor]:
     first: dict[tuple[int, int], torch.Tensor] = {}
     for layer in layers:
         first.setdefault((int(layer.weight.shape[0]), int(layer.weight.shape[1])), layer.weight.detach())
-    pays: set[tuple[int, int]] = set()
-    for shape, weight in first.items():
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight, BATCH_HINT)
-        one, many = speedup(weight, packed, 1), speedup(weight, packed, BATCH_HINT)
+    return first
+
+
+def _shapes_that_gain(
+    layers: list[nn.Linear],
+    speedups: Callable[[torch.Tensor], tuple[float, float]],
+    threshold: float,
+    names: tuple[str, str, str, str, str],
+) -> set[tuple[int, int]]:
+    """The weight shapes among ``layers`` where ``speedups(weight)`` (the candidate's product over
+    the baseline's, at one row and at BATCH_HINT rows) has a geometric mean of at least
+    ``threshold``; each shape's timing logged with ``names``: the dtype, the candidate, the
+    baseline, what a shape gets when it gains and what it keeps otherwise."""
+    dtype, candidate, baseline, chosen, other = names
+    gaining: set[tuple[int, int]] = set()
+    for shape, weight in _first_weight_per_shape(layers).items():
+        one, many = speedups(weight)
         gain = math.sqrt(one * many)
         logger.info(
-            "float32 %dx%d weights: oneDNN's packed product %.2fx the plain one at 1 row, %.2fx at %d rows: %s",
-            shape[1], shape[0], one, many, BATCH_HINT, "packed" if gain >= FLOAT32_GAIN else "left plain",
+            "%s %dx%d weights: %s %.2fx %s at 1 row, %.2fx at %d rows: %s",
+            dtype, shape[1], shape[0], candidate, one, baseline, many, BATCH_HINT, chosen if gain >= threshold else other,
         )  # fmt: skip
-        if gain >= FLOAT32_GAIN:
-            pays.add(shape)
-    return pays
+        if gain >= threshold:
+            gaining.add(shape)
+    return gaining
+
+
+def float32_shapes_that_pay(layers: list[nn.Linear]) -> set[tuple[int, int]]:
+    """The weight shapes among ``layers`` (float32) whose oneDNN product is, timed here and now, at
+    least :data:`FLOAT32_GAIN` times faster than the plain one over one row and BATCH_HINT rows."""
+
+    def speedups(weight: torch.Tensor) -> tuple[float, float]:
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, BATCH_HINT)
+        return speedup(weight, packed, 1), speedup(weight, packed, BATCH_HINT)
+
+    names = ("float32", "oneDNN's packed product", "the plain one", "packed", "left plain")
+    return _shapes_that_gain(layers, speedups, FLOAT32_GAIN, names)
 
 
 def kernel_speedup(weight: torch.Tensor, packed: torch.Tensor, blocked: torch.Tensor, rows: int) -> float:
@@ -189,22 +212,14 @@ def bfloat16_shapes_for_the_kernel(layers: list[nn.Linear]) -> set[tuple[int, in
     the kernel is not available (:func:`.bf16_kernel.available`)."""
     if not layers or not bf16_kernel.available():
         return set()
-    first: dict[tuple[int, int], torch.Tensor] = {}
-    for layer in layers:
-        first.setdefault((int(layer.weight.shape[0]), int(layer.weight.shape[1])), layer.weight.detach())
-    chosen: set[tuple[int, int]] = set()
-    for shape, weight in first.items():
+
+    def speedups(weight: torch.Tensor) -> tuple[float, float]:
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, BATCH_HINT)
         blocked = bf16_kernel.pack(weight)
-        one, many = kernel_speedup(weight, packed, blocked, 1), kernel_speedup(weight, packed, blocked, BATCH_HINT)
-        gain = math.sqrt(one * many)
-        logger.info(
-            "bfloat16 %dx%d weights: hfserve's kernel %.2fx oneDNN's packed product at 1 row, %.2fx at %d rows: %s",
-            shape[1], shape[0], one, many, BATCH_HINT, "hfserve's kernel" if gain >= KERNEL_GAIN else "oneDNN",
-        )  # fmt: skip
-        if gain >= KERNEL_GAIN:
-            chosen.add(shape)
-    return chosen
+        return kernel_speedup(weight, packed, blocked, 1), kernel_speedup(weight, packed, blocked, BATCH_HINT)
+
+    names = ("bfloat16", "hfserve's kernel", "oneDNN's packed product", "hfserve's kernel", "oneDNN")
+    return _shapes_that_gain(layers, speedups, KERNEL_GAIN, names)
 
 
 @torch.library.custom_op("hfserve::packed_linear", mutates_args=())
