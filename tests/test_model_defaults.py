@@ -367,3 +367,25 @@ def test_real_server_defaults_aliases_and_template(defaults_server):
     finally:
         grpc.close()
 
+
+
+@pytest.mark.parametrize("key", ["dtype", "torch_dtype"])
+def test_auto_dtype_on_a_gpu_is_the_models_own(tmp_path, key):
+    """The transformers backend's ``--dtype auto`` on a GPU loads the half type the model's
+    config.json names, under transformers 5's ``dtype`` key or the older ``torch_dtype``; on CPU
+    float32 whatever the config says."""
+    import torch
+    import transformers
+
+    from hfserve.backends.huggingface import HuggingFaceBackend
+    from hfserve.config import ModelConfig
+
+    transformers.LlamaConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=1).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    saved.pop("dtype", None)
+    saved.pop("torch_dtype", None)
+    (tmp_path / "config.json").write_text(json.dumps({**saved, key: "bfloat16"}))
+    backend = HuggingFaceBackend(ModelConfig(source=str(tmp_path), local_dir=tmp_path))
+    backend.config = transformers.AutoConfig.from_pretrained(tmp_path)
+    assert backend._resolve_dtype("cuda") == torch.bfloat16
+    assert backend._resolve_dtype("cpu") == torch.float32

@@ -380,7 +380,7 @@ class HuggingFaceBackend(Backend):
         return eos
 
     def _resolve_dtype(self, device: str) -> torch.dtype:
-        config_dtype = getattr(self.config, "dtype", None) or getattr(self.config, "torch_dtype", None)
+        config_dtype = getattr(self.config, "dtype", None)  # transformers 5 reads a config's ``torch_dtype`` into it
         try:
             return getattr(torch, resolve_dtype(self.dtype_name, gpu=device != "cpu", config_dtype=config_dtype))
         except ValueError as exc:
