@@ -368,7 +368,6 @@ def test_real_server_defaults_aliases_and_template(defaults_server):
         grpc.close()
 
 
-
 @pytest.mark.parametrize("key", ["dtype", "torch_dtype"])
 def test_auto_dtype_on_a_gpu_is_the_models_own(tmp_path, key):
     """The transformers backend's ``--dtype auto`` on a GPU loads the half type the model's
