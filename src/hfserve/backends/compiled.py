@@ -10,9 +10,10 @@ oneDNN (or blocked for :mod:`.bf16_kernel`), each one call of its product in the
 linear layers, one row, 28.5 ms against 15.8 packed). Measured on 2 cores (docs/benchmarks.md):
 the scheduler alone, the test-fixture Llama at 8 requests, 4553 -> 5427 tokens/s; through the
 server beside its peers, 3832 -> 4585 at concurrency 8 (1.6-1.8x vLLM's own server and
-``transformers serve``), and a ~110M Llama in float32 at concurrency 1, 43 -> 49. Where a step is mostly weights streaming from memory (the
-~110M Llama in bfloat16) it gains at one row (41 -> 47 tokens/s at concurrency 1) and little at
-several (the compiled step keeps SDPA's attention, which the eager bfloat16 step replaces).
+``transformers serve``), and a ~110M Llama in float32 at concurrency 1, 43 -> 49. Where a step
+is mostly weights streaming from memory (the ~110M Llama in bfloat16) it gains at one row
+(41 -> 47 tokens/s at concurrency 1) and little at several (the compiled step keeps SDPA's
+attention, which the eager bfloat16 step replaces).
 
 :class:`CompiledDecode` stands where the scheduler calls the model. A decode step (one new token
 per row over a KV cache) goes to the compiled model; everything else (prefills, whose lengths
