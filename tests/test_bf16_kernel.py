@@ -1,8 +1,9 @@
-"""hfserve's bfloat16 linear kernel for AVX-512 BF16 CPUs (src/hfserve/backends/bf16_kernel.py and
-bf16_kernel.cpp): its products equal ``torch.nn.functional.linear`` in float32 (the independent
-reference) over the shapes a model and a server give it, a compiled graph calls it as one operator,
-prepack sends a bfloat16 shape to it only where it is faster than oneDNN, and a machine where it
-cannot be built keeps oneDNN.
+"""hfserve's bfloat16 kernels for AVX-512 BF16 CPUs (src/hfserve/backends/bf16_kernel.py and
+bf16_kernel.cpp): the linear kernel's products equal ``torch.nn.functional.linear`` in float32 (the
+independent reference) over the shapes a model and a server give it, a compiled graph calls it as
+one operator, prepack sends a bfloat16 shape to it only where it is faster than oneDNN, and a
+machine where it cannot be built keeps oneDNN; the decode attention equals SDPA in float32 over
+padded, grouped and strided inputs, and refuses what it does not compute.
 
 The tests that run the kernel skip on a CPU without AVX-512 BF16 (where the kernel is never used)."""
 
@@ -170,3 +171,89 @@ def test_a_cpu_without_avx512_bf16_never_builds_it(monkeypatch):
     finally:
         monkeypatch.undo()
         bf16_kernel.available.cache_clear()
+
+
+def _sdpa_reference(query, key, value, mask):
+    """SDPA in float32 (the independent reference), key heads repeated for grouped queries; [rows, 1, heads, dim]."""
+    group = query.shape[1] // key.shape[1]
+    k, v = (t.float().repeat_interleave(group, dim=1) for t in (key, value))
+    attend = None if mask is None else mask[:, None, None, :]
+    return torch.nn.functional.scaled_dot_product_attention(query.float(), k, v, attend, scale=0.1).transpose(1, 2)
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 3, 9])
+@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (8, 2)])
+@pytest.mark.parametrize("dim", [64, 48, 80, 128])
+@pytest.mark.parametrize("mask_kind", ["none", "per_row", "shared"])
+def test_decode_attention_equals_float32_sdpa(rows, heads, kv_heads, dim, mask_kind):
+    """One query token per row over keys and values that are the filled part of longer buffers (as
+    the KV cache hands them out), left padding masked per row or one mask for all rows, grouped
+    query heads, head sizes that are and are not a multiple of 32: within bfloat16's rounding of
+    SDPA over the same inputs in float32."""
+    generator = torch.Generator().manual_seed(rows * 100 + heads + dim)
+    positions = 37 + rows
+
+    def cached() -> torch.Tensor:
+        buffer = torch.randn(rows, kv_heads, positions + 20, dim, generator=generator).to(torch.bfloat16)
+        buffer[..., positions:, :] = float("nan")  # beyond the filled positions: never read
+        return buffer[..., :positions, :]
+
+    key, value = cached(), cached()
+    query = torch.randn(rows, 1, heads, dim, generator=generator).to(torch.bfloat16).transpose(1, 2)  # as the model's view
+    mask = None
+    if mask_kind == "per_row":
+        mask = torch.ones(rows, positions, dtype=torch.bool)
+        for r in range(rows):
+            mask[r, : 3 * r] = False  # row r left-padded by 3r positions
+    elif mask_kind == "shared":
+        mask = torch.ones(1, positions, dtype=torch.bool)
+        mask[0, :5] = False
+    got = bf16_kernel.attention(query, key, value, mask, 0.1)
+    expected = _sdpa_reference(query, key, value, None if mask is None else mask.expand(rows, -1))
+    assert got.shape == (rows, 1, heads, dim) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, atol=0.01, rtol=2**-7)
+
+
+@needs_kernel
+@pytest.mark.parametrize("positions", [1, 2, 1500])
+def test_decode_attention_at_one_and_many_positions(positions):
+    """A first decode step (one cached position), and a long context; a row that may attend to its
+    last position only takes that position's values."""
+    generator = torch.Generator().manual_seed(positions)
+    query = torch.randn(2, 4, 1, 64, generator=generator).to(torch.bfloat16)
+    key, value = (torch.randn(2, 2, positions, 64, generator=generator).to(torch.bfloat16) for _ in range(2))
+    mask = torch.ones(2, positions, dtype=torch.bool)
+    mask[1, :-1] = False
+    got = bf16_kernel.attention(query, key, value, mask, 0.1)
+    torch.testing.assert_close(got.float(), _sdpa_reference(query, key, value, mask), atol=0.01, rtol=2**-7)
+    torch.testing.assert_close(got[1, 0].float(), value[1, :, -1].repeat_interleave(2, 0).float())
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("float32", "takes bfloat16"),
+        ("two_tokens", "one query token per row"),
+        ("rows", "do not match the query's rows"),
+        ("groups", "head sizes do not match"),
+        ("mask", "the mask must be bool"),
+    ],
+)
+def test_decode_attention_refuses_what_it_does_not_compute(change, message):
+    query = torch.randn(2, 4, 1, 64).to(torch.bfloat16)
+    key = value = torch.randn(2, 4, 10, 64).to(torch.bfloat16)
+    mask = None
+    if change == "float32":
+        query = query.float()
+    elif change == "two_tokens":
+        query = torch.randn(2, 4, 2, 64).to(torch.bfloat16)
+    elif change == "rows":
+        key = value = torch.randn(3, 4, 10, 64).to(torch.bfloat16)
+    elif change == "groups":
+        key = value = torch.randn(2, 3, 10, 64).to(torch.bfloat16)
+    else:
+        mask = torch.zeros(2, 10)
+    with pytest.raises(RuntimeError, match=message):
+        bf16_kernel.attention(query, key, value, mask, 0.1)

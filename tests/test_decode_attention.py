@@ -1,7 +1,8 @@
-"""A decode step's attention in bfloat16 on CPU (src/hfserve/backends/decode_attention.py) and the
-KV cache buffers it multiplies over whole (kv_cache.whole_buffer): the same attention as SDPA,
-checked against SDPA in float32, for padded rows, additive masks, grouped-query heads and the
-growing cache's buffers; every other pass is SDPA's own. Also: work before the decode loop runs
+"""A decode step's attention in bfloat16 on CPU (src/hfserve/backends/decode_attention.py), by
+hfserve's kernel (bf16_kernel, on a CPU with AVX-512 BF16) or by batched products over the KV
+cache's whole buffers (kv_cache.whole_buffer): the same attention as SDPA, checked against SDPA in
+float32, for padded rows, additive masks, grouped-query heads and the growing cache's buffers,
+on both paths; every other pass is SDPA's own. Also: work before the decode loop runs
 on a thread that ends (cpu_threads.run_in_passing_thread)."""
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from hfserve.backends import cpu_threads, decode_attention, kv_cache, mixed_step
+from hfserve.backends import bf16_kernel, cpu_threads, decode_attention, kv_cache, mixed_step
 from hfserve.backends.huggingface import HuggingFaceBackend
 from hfserve.config import BatchingConfig, LoraConfig, ModelConfig
 from hfserve.generation import SamplingParams
@@ -58,10 +59,14 @@ def _masks(rows: int, length: int, kind: str, dtype: torch.dtype) -> torch.Tenso
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2)])
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "additive"])
 @pytest.mark.parametrize("cache", ["growing", "plain"])
-def test_same_attention_as_sdpa(dtype, heads, kv_heads, mask_kind, cache):
+@pytest.mark.parametrize("kernel", [True, False])
+def test_same_attention_as_sdpa(dtype, heads, kv_heads, mask_kind, cache, kernel, monkeypatch):
     """Against SDPA over the same inputs in float32: no further off than SDPA's own kernel in
-    ``dtype`` (a wrong mask, head grouping or spare position would be off by far more)."""
+    ``dtype`` (a wrong mask, head grouping or spare position would be off by far more). With
+    ``kernel``, hfserve's kernel takes a bfloat16 step with no mask or a bool one where it is
+    available; without, the batched products take every one."""
     torch.manual_seed(0)
+    calls = _count_kernel_calls(monkeypatch, available=kernel and bf16_kernel.available())
     rows, dim = 3, 64
     query = torch.randn(rows, heads, 1, dim, dtype=dtype)
     if cache == "growing":
@@ -79,6 +84,22 @@ def test_same_attention_as_sdpa(dtype, heads, kv_heads, mask_kind, cache):
     assert got.shape == reference.shape == (rows, 1, heads, dim)
     ours, theirs = (got.float() - reference).abs().max().item(), (sdpa.float() - reference).abs().max().item()
     assert ours <= max(2 * theirs, 1e-2), (ours, theirs)
+    by_kernel = kernel and bf16_kernel.available() and dtype == torch.bfloat16 and mask_kind != "additive"
+    assert calls == [1] * by_kernel
+
+
+def _count_kernel_calls(monkeypatch, available: bool) -> list[int]:
+    """Make the kernel available or not to the decode attention; the list gets a 1 per call of it."""
+    calls: list[int] = []
+    kernel = bf16_kernel.attention
+
+    def counting(*args):
+        calls.append(1)
+        return kernel(*args)
+
+    monkeypatch.setattr(bf16_kernel, "attention", counting)
+    monkeypatch.setattr(bf16_kernel, "available", lambda: available)
+    return calls
 
 
 @pytest.mark.parametrize("inference_mode", [True, False])
@@ -123,8 +144,11 @@ def test_only_a_growing_layers_own_buffer_is_widened():
     "case",
     ["float32", "prompt", "position_bias", "attention_weights", "one_row_short_context"],
 )
-def test_every_other_pass_is_sdpas_own(case):
+def test_every_other_pass_is_sdpas_own(case, monkeypatch):
+    """Passes neither the kernel nor the batched products take (one short row: without the
+    kernel) are SDPA's, bit for bit."""
     torch.manual_seed(2)
+    calls = _count_kernel_calls(monkeypatch, available=case != "one_row_short_context" and bf16_kernel.available())
     dtype = torch.float32 if case == "float32" else torch.bfloat16
     tokens = 3 if case == "prompt" else 1
     rows = 1 if case == "one_row_short_context" else 2
@@ -140,6 +164,7 @@ def test_every_other_pass_is_sdpas_own(case):
     got, _ = decode_attention.attend(_Layer(4, 4), query, key, value, None, **kwargs)
     expected, _ = sdpa_attention_forward(_Layer(4, 4), query, key, value, None, **kwargs)
     assert torch.equal(got, expected)
+    assert not calls
 
 
 def test_a_passing_thread_returns_raises_and_ends():

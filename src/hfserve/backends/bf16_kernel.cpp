@@ -1,4 +1,4 @@
-// A bfloat16 linear layer for a decode step's few rows on CPUs with AVX-512 BF16 (see bf16_kernel.py).
+// A bfloat16 linear layer and a decode step's attention for CPUs with AVX-512 BF16 (see bf16_kernel.py).
 //
 // The weight is blocked once, at load, as [N / 16][K / 2][16][2]: for each block of 16 outputs, one
 // 64-byte vector per pair of inputs, the layout _mm512_dpbf16_ps multiplies by a broadcast pair of
@@ -6,6 +6,10 @@
 // every row's sums in registers (float32): a tile is up to 4 rows by 4 blocks (64 outputs), or 8
 // rows by 2 blocks for 5 rows and more. The tiles of outputs are spread over ATen's intra-op threads
 // (at::parallel_for: the same OpenMP team as every other operator of the step).
+//
+// The attention of a decode step (one query token per row) takes each row and query head in turn:
+// its scores against the row's cached keys (vdpbf16ps, float32 sums), scaled and masked, a float32
+// softmax, and the values weighted by it in float32, read in place from the cache's strided views.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -18,6 +22,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <limits>
+#include <vector>
 
 namespace {
 
@@ -109,12 +115,141 @@ at::Tensor linear(const at::Tensor& input, const at::Tensor& weight, const std::
   return out.view(sizes);
 }
 
+inline __m512 load_bf16(const uint16_t* p, __mmask16 mask) {
+  // 16 bfloat16 values (those in ``mask``) as float32: the upper halves of 32-bit lanes
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+inline float dot_bf16(const uint16_t* a, const uint16_t* b, int64_t dim) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t d = 0;
+  for (; d + 32 <= dim; d += 32) {
+    const __m512bh av = (__m512bh)_mm512_loadu_si512((const void*)(a + d));
+    const __m512bh bv = (__m512bh)_mm512_loadu_si512((const void*)(b + d));
+    acc = _mm512_dpbf16_ps(acc, av, bv);
+  }
+  for (; d < dim; d += 16) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, dim - d)) - 1u);
+    acc = _mm512_fmadd_ps(load_bf16(a + d, mask), load_bf16(b + d, mask), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+// exp(x), float32, 16 lanes (Cephes' expf: 2^n * a degree-7 polynomial of the rest); below -87 it is 0
+inline __m512 exp16(__m512 x) {
+  const __m512 low = _mm512_set1_ps(-87.0f);
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, low, _CMP_GE_OQ);
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), low);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(p, n));
+}
+
+// scores[j] = exp(scores[j] - top) for j < length; returns their sum
+inline float exp_minus(float* scores, int64_t length, float top) {
+  const __m512 t = _mm512_set1_ps(top);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t j = 0; j < length; j += 16) {
+    const __mmask16 lanes = static_cast<__mmask16>((1u << std::min<int64_t>(16, length - j)) - 1u);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, scores + j), t));
+    _mm512_mask_storeu_ps(scores + j, lanes, e);
+    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(lanes, e));
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+
+// query [rows, heads, 1, dim]; key and value [rows, kv_heads, length, dim] (any strides but the last);
+// mask: none, or bool [rows or 1, length] (true: attend). Returns [rows, 1, heads, dim].
+at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                            const std::optional<at::Tensor>& mask, double scale) {
+  TORCH_CHECK(query.scalar_type() == at::kBFloat16 && key.scalar_type() == at::kBFloat16 && value.scalar_type() == at::kBFloat16,
+              "hfserve_bf16::decode_attention takes bfloat16");
+  TORCH_CHECK(query.dim() == 4 && key.dim() == 4 && value.dim() == 4 && query.size(2) == 1, "one query token per row");
+  const int64_t rows = query.size(0), heads = query.size(1), dim = query.size(3);
+  const int64_t kv_heads = key.size(1), length = key.size(2);
+  TORCH_CHECK(key.size(0) == rows && value.size(0) == rows && value.size(1) == kv_heads && value.size(2) == length,
+              "keys and values do not match the query's rows");
+  TORCH_CHECK(key.size(3) == dim && value.size(3) == dim && kv_heads > 0 && heads % kv_heads == 0, "head sizes do not match");
+  TORCH_CHECK(query.stride(3) == 1 && key.stride(3) == 1 && value.stride(3) == 1, "the head dimension must be contiguous");
+  const uint8_t* M = nullptr;
+  int64_t mask_rows = 0;
+  at::Tensor m;
+  if (mask.has_value() && mask->defined()) {
+    TORCH_CHECK(mask->scalar_type() == at::kBool && mask->dim() == 2 && mask->size(1) == length &&
+                    (mask->size(0) == rows || mask->size(0) == 1),
+                "the mask must be bool [rows or 1, positions]");
+    m = mask->contiguous();
+    M = reinterpret_cast<const uint8_t*>(m.data_ptr());
+    mask_rows = m.size(0);
+  }
+  at::Tensor out = at::empty({rows, 1, heads, dim}, query.options());
+  if (rows == 0 || heads == 0) return out;
+  const int64_t group = heads / kv_heads;
+  const auto* Q = reinterpret_cast<const uint16_t*>(query.data_ptr());
+  const auto* K = reinterpret_cast<const uint16_t*>(key.data_ptr());
+  const auto* V = reinterpret_cast<const uint16_t*>(value.data_ptr());
+  auto* O = reinterpret_cast<uint16_t*>(out.data_ptr());
+  const int64_t qs0 = query.stride(0), qs1 = query.stride(1);
+  const int64_t ks0 = key.stride(0), ks1 = key.stride(1), ks2 = key.stride(2);
+  const int64_t vs0 = value.stride(0), vs1 = value.stride(1), vs2 = value.stride(2);
+  const float lowest = std::numeric_limits<float>::lowest();  // what transformers' masks fill with
+  const float s = static_cast<float>(scale);
+  const int64_t chunks = (dim + 15) / 16;
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, length * dim));
+  at::parallel_for(0, rows * heads, grain, [&](int64_t first, int64_t last) {
+    std::vector<float> scores(static_cast<size_t>(std::max<int64_t>(length, 1)));
+    std::vector<__m512> acc(static_cast<size_t>(chunks));
+    for (int64_t task = first; task < last; task++) {
+      const int64_t r = task / heads, h = task % heads, kh = h / group;
+      const uint16_t* q = Q + r * qs0 + h * qs1;
+      const uint16_t* k = K + r * ks0 + kh * ks1;
+      const uint16_t* v = V + r * vs0 + kh * vs1;
+      const uint8_t* allowed = M == nullptr ? nullptr : M + (mask_rows == 1 ? 0 : r) * length;
+      float top = lowest;
+      for (int64_t j = 0; j < length; j++) {
+        const float x = (allowed == nullptr || allowed[j]) ? dot_bf16(q, k + j * ks2, dim) * s : lowest;
+        scores[j] = x;
+        top = std::max(top, x);
+      }
+      const float total = exp_minus(scores.data(), length, top);
+      for (int64_t c = 0; c < chunks; c++) acc[c] = _mm512_setzero_ps();
+      for (int64_t j = 0; j < length; j++) {
+        if (scores[j] == 0.f) continue;  // a masked position (or one whose weight underflowed)
+        const __m512 p = _mm512_set1_ps(scores[j]);
+        const uint16_t* vj = v + j * vs2;
+        for (int64_t c = 0; c < chunks; c++) {
+          const __mmask16 lanes = static_cast<__mmask16>((1u << std::min<int64_t>(16, dim - 16 * c)) - 1u);
+          acc[c] = _mm512_fmadd_ps(p, load_bf16(vj + 16 * c, lanes), acc[c]);
+        }
+      }
+      const __m512 inv = _mm512_set1_ps(total > 0.f ? 1.f / total : 0.f);
+      uint16_t* o = O + (r * heads + h) * dim;
+      for (int64_t c = 0; c < chunks; c++) {
+        const __mmask16 lanes = static_cast<__mmask16>((1u << std::min<int64_t>(16, dim - 16 * c)) - 1u);
+        _mm256_mask_storeu_epi16(o + 16 * c, lanes, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[c], inv)));
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(hfserve_bf16, m) {
   m.def("linear(Tensor input, Tensor weight, Tensor? bias, int out_features) -> Tensor");
+  m.def("decode_attention(Tensor query, Tensor key, Tensor value, Tensor? mask, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(hfserve_bf16, CPU, m) {
   m.impl("linear", &linear);
+  m.impl("decode_attention", &decode_attention);
 }

@@ -1,4 +1,4 @@
-"""A bfloat16 linear layer for decode steps on CPUs with AVX-512 BF16, where oneDNN leaves half the memory's speed unused.
+"""A bfloat16 linear layer and decode attention for CPUs with AVX-512 BF16, where oneDNN leaves half the memory's speed unused.
 
 A decode step of a small model on CPU is its weights streaming from memory: each product reads its
 whole weight for a few rows of input. On a 2-core AMD EPYC with AVX-512 BF16 (no AMX), one thread
@@ -11,8 +11,15 @@ the weight once as ``[N/16][K/2][16][2]`` (one 64-byte vector of 16 outputs by 2
 row's float32 sums in registers: 20.7 GB/s on one thread, 24-31 on two, at 1 to 8 rows; at 64 rows
 (a prefill) it is as fast as oneDNN (both bound by the ``vdpbf16ps`` throughput).
 
-It is a PyTorch operator, ``torch.ops.hfserve_bf16.linear(input, blocked_weight, bias,
-out_features)``, built from the C++ source beside this module by
+The same extension computes a decode step's attention (one query token per row):
+``torch.ops.hfserve_bf16.decode_attention(query, keys, values, mask, scale)`` takes each row and
+query head in turn, its scores against the row's cached keys read in place from the KV cache's
+strided views, a float32 softmax and the values weighted in float32, in one call per layer where
+the batched products of :mod:`.decode_attention` took a dozen small operators: on the ~110M Llama
+at 8 rows that was a fifth of the decode step (docs/benchmarks.md, tenth sitting).
+
+They are PyTorch operators, ``torch.ops.hfserve_bf16.linear(input, blocked_weight, bias,
+out_features)`` and the attention above, built from the C++ source beside this module by
 ``torch.utils.cpp_extension.load`` the first time a process needs it on a machine (about 40 s; the
 build is cached under ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``, and
 rebuilt when the source changes), with a fake implementation so that ``torch.compile`` puts it in
@@ -56,8 +63,20 @@ def linear(input: torch.Tensor, blocked: torch.Tensor, bias: torch.Tensor | None
     return torch.ops.hfserve_bf16.linear(input, blocked, bias, out_features)
 
 
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Softmax attention of one query token per row, by the kernel (:func:`available` must have said
+    yes): ``query`` [rows, heads, 1, dim], ``key`` and ``value`` [rows, kv_heads, positions, dim]
+    (bfloat16, any strides but a contiguous last dimension; ``heads`` a multiple of ``kv_heads``),
+    ``mask`` None or bool [rows or 1, positions] (True: attend); returns [rows, 1, heads, dim]."""
+    return torch.ops.hfserve_bf16.decode_attention(query, key, value, mask, scale)
+
+
 def _output_shape(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
     return input.new_empty((*input.shape[:-1], out_features))
+
+
+def _attention_shape(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    return query.new_empty((query.shape[0], 1, query.shape[1], query.shape[3]))
 
 
 @functools.cache
@@ -68,6 +87,7 @@ def build() -> None:
     logger.info("building hfserve's bfloat16 linear kernel for this CPU (once per machine and source; cached)")
     cpp_extension.load(name=NAME, sources=[str(SOURCE)], extra_cflags=FLAGS, is_python_module=False, verbose=False)
     torch.library.register_fake("hfserve_bf16::linear")(_output_shape)
+    torch.library.register_fake("hfserve_bf16::decode_attention")(_attention_shape)
 
 
 def _computes_right() -> bool:
@@ -80,7 +100,16 @@ def _computes_right() -> bool:
         got = linear(x, pack(weight), bias, out_features).float()
         if not torch.allclose(got, expected, atol=0.02 * float(expected.abs().max()), rtol=0):
             return False
-    return True
+    # two rows, 4 query heads on 2 key heads, 40 positions (the first row's last 9 masked), head size 48
+    q = torch.randn(2, 4, 1, 48, generator=generator).to(torch.bfloat16)
+    k, v = (torch.randn(2, 2, 40, 48, generator=generator).to(torch.bfloat16) for _ in range(2))
+    mask = torch.ones(2, 40, dtype=torch.bool)
+    mask[0, 31:] = False
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float().repeat_interleave(2, 1), v.float().repeat_interleave(2, 1), mask[:, None, None, :]
+    ).transpose(1, 2)
+    got = attention(q, k, v, mask, 48**-0.5).float()
+    return bool(torch.allclose(got, expected, atol=0.02 * float(expected.abs().max()), rtol=0))
 
 
 @functools.cache

@@ -54,7 +54,7 @@ from ..tasks import (
     sentence_transformers_pooling,
     text_generation_auto_class,
 )
-from . import cpu_linear, cpu_threads, kv_cache, mixed_step
+from . import bf16_kernel, cpu_linear, cpu_threads, kv_cache, mixed_step
 from .base import Backend, resolve_dtype
 from .batching import BatchWindow, MicroBatcher
 from .compiled import CompiledDecode
@@ -318,6 +318,8 @@ class HuggingFaceBackend(Backend):
             # hfserve's attention (SDPA's, with a faster decode step in bfloat16 on CPU and prompts
             # folded into decode steps); a compiled step keeps transformers' own
             attention = self.compiled is None and mixed_step.enable(self.model)
+            if attention and self.device.type == "cpu" and self.model.dtype == torch.bfloat16:
+                bf16_kernel.available()  # its decode attention built (or found missing) now, not in the first step
             self.scheduler = GenerationScheduler(
                 self.model,
                 device=self.device,
