@@ -1,6 +1,7 @@
 """The in-place KV cache layer (src/hfserve/backends/kv_cache.py): the same attention as
 transformers' concatenating ``DynamicLayer`` through everything the scheduler does to a cache
-(rows leaving, trimmed columns, n-fold rows), without copying the cache at each step."""
+(rows leaving, trimmed columns, n-fold rows, two batches merged), without copying the cache at
+each step, nor again at the step after rows left or joined."""
 
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ def llama(models):
     return AutoModelForCausalLM.from_pretrained(models["llama"], dtype=torch.float32).eval()
 
 
-def _decode(model, grow: bool, steps: int = 12):
+def _decode(model, grow: bool, steps: int = 12, keep_at_once: bool = False):
     """Prefill 3 left-padded rows, repeat them 2-fold, decode ``steps`` greedy steps; midway drop
-    rows and trim the columns only padding uses (as the scheduler's ``_select`` does)."""
+    rows and trim the columns only padding uses (with ``keep_at_once``, by ``GrowingLayer.keep``,
+    as the scheduler's ``_select`` does; else by transformers' selection and a trim)."""
     ids = torch.tensor([[0, 0, 0, 5, 6, 7], [0, 8, 9, 10, 11, 12], [13, 14, 15, 16, 17, 18]])
     mask = (ids != 0).long()
     logits, caches = [], []
@@ -36,11 +38,15 @@ def _decode(model, grow: bool, steps: int = 12):
         for step in range(steps):
             if step == steps // 2:  # rows 0 and 1 (the shortest prompt) leave: columns 0-2 hold padding only
                 keep = torch.tensor([2, 3, 4, 5])
-                cache.batch_select_indices(keep)
                 mask, last = mask[keep], last[keep]
-                for layer in cache.layers:
-                    layer.keys = layer.keys[..., 1:, :]
-                    layer.values = layer.values[..., 1:, :]
+                if keep_at_once:
+                    for layer in cache.layers:
+                        layer.keep(keep, 1)
+                else:
+                    cache.batch_select_indices(keep)
+                    for layer in cache.layers:
+                        layer.keys = layer.keys[..., 1:, :]
+                        layer.values = layer.values[..., 1:, :]
                 mask = mask[:, 1:]
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
             out = model(
@@ -57,10 +63,11 @@ def _decode(model, grow: bool, steps: int = 12):
 
 
 @pytest.mark.parametrize("headroom", [1, 3, 128])
-def test_same_logits_as_the_concatenating_layer(llama, monkeypatch, headroom):
+@pytest.mark.parametrize("keep_at_once", [False, True])
+def test_same_logits_as_the_concatenating_layer(llama, monkeypatch, headroom, keep_at_once):
     monkeypatch.setattr(kv_cache, "HEADROOM", headroom)  # 1 and 3: a reallocation every step or every few
     expected, _ = _decode(llama, grow=False)
-    got, _ = _decode(llama, grow=True)
+    got, _ = _decode(llama, grow=True, keep_at_once=keep_at_once)
     assert torch.allclose(got, expected, atol=1e-5, rtol=0)
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
 
@@ -72,6 +79,54 @@ def test_a_decode_step_writes_in_place(llama):
     _, plain = _decode(llama, grow=False)
     assert grown[1:6] == [grown[1]] * 5 and grown[7:] == [grown[7]] * 5
     assert all(a[0] != b[0] for a, b in zip(plain, plain[1:]))  # each step's keys: a new tensor (the old alive till then)
+    _, kept = _decode(llama, grow=True, keep_at_once=True)  # rows left and columns trimmed in one copy: spare positions kept
+    assert kept[1:6] == [kept[1]] * 5 and kept[6:] == [kept[6]] * 6 and kept[6][0] != kept[5][0]
+
+
+def _prefill(model, ids: list[int], grow: bool):
+    with torch.inference_mode():
+        out = model(torch.tensor([ids]), use_cache=True)
+    if grow:
+        kv_cache.grow_in_place(out.past_key_values)
+    return out.past_key_values, out.logits[:, -1]
+
+
+@pytest.mark.parametrize("longer_first", [False, True])
+def test_merged_batches_decode_as_padded_and_concatenated_ones(llama, longer_first):
+    """Two requests prefilled apart, merged as the scheduler merges a joining request (the shorter
+    left-padded): ``GrowingLayer.merge`` decodes as transformers' layers padded and concatenated,
+    and its next step writes into the merged buffer in place."""
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
+    if longer_first:
+        prompts.reverse()
+    width = max(map(len, prompts))
+    results = []
+    for grow in (False, True):
+        (cache, first), (other, second) = (_prefill(llama, ids, grow) for ids in prompts)
+        la, lb = (len(ids) for ids in prompts)
+        for mine, theirs in zip(cache.layers, other.layers):
+            if grow:
+                mine.merge(theirs, la, lb)
+                whole = kv_cache.whole_buffer(mine.values)  # spare positions, zeros (what the decode attention may multiply over)
+                assert whole.shape[2] == width + kv_cache.HEADROOM and not whole[..., width:, :].any()
+            else:
+                for attr in ("keys", "values"):
+                    padded = [F.pad(getattr(layer, attr), (0, 0, width - n, 0)) for layer, n in ((mine, la), (theirs, lb))]
+                    setattr(mine, attr, torch.cat(padded))
+        mask = torch.cat([F.pad(torch.ones(1, n, dtype=torch.long), (width - n, 0)) for n in (la, lb)])
+        last, logits, pointers = torch.cat([first, second]), [], []
+        with torch.inference_mode():
+            for _ in range(4):
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                out = llama(last.argmax(-1, keepdim=True), attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1,
+                            past_key_values=cache, use_cache=True)  # fmt: skip
+                last = out.logits[:, -1]
+                logits.append(last)
+                pointers.append(cache.layers[0].keys.data_ptr())
+        results.append((torch.stack(logits), pointers))
+    (expected, _), (got, pointers) = results
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0)
+    assert pointers == [pointers[0]] * 4
 
 
 def test_only_plain_dynamic_layers_are_converted():

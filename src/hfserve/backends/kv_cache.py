@@ -77,6 +77,48 @@ class GrowingLayer(DynamicLayer):
         self._len = self._vlen = need
         return kbuf[..., :need, :], vbuf[..., :need, :]
 
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.keep(indices, 0)
+
+    def keep(self, rows: torch.Tensor, first: int) -> None:
+        """Keep ``rows`` (indices) and the positions from ``first`` on: one copy into buffers that
+        keep the spare positions these had (transformers' selection, then a trim, then the next
+        step's reallocation copied them three times)."""
+        kbuf, vbuf = self._kbuf, self._vbuf
+        if kbuf is None or vbuf is None or kbuf.dim() != 4 or vbuf.dim() != 4 or self._len != self._vlen:
+            super().batch_select_indices(rows)  # through the keys/values properties
+            if first:
+                self.keys, self.values = self.keys[..., first:, :], self.values[..., first:, :]  # type: ignore[index]
+            return
+        filled = self._len - first
+        self._kbuf, self._vbuf = (buf[..., first:, :].index_select(0, rows) for buf in (kbuf, vbuf))
+        self._len = self._vlen = filled
+        self._remember()
+
+    def merge(self, other: Any, length: int, other_length: int) -> None:
+        """These rows (``length`` positions), then ``other``'s (a layer with ``keys`` and ``values``,
+        ``other_length`` positions), the shorter left-padded with zeros: one copy each into new
+        buffers with :data:`HEADROOM` spare positions (padding, concatenating and the next step's
+        reallocation copied them three times)."""
+        width = max(length, other_length)
+        bufs = []
+        for mine, theirs in ((self.keys, other.keys), (self.values, other.values)):
+            assert mine is not None and theirs is not None
+            rows = mine.shape[0]
+            buf = mine.new_zeros((rows + theirs.shape[0], *mine.shape[1:-2], width + HEADROOM, mine.shape[-1]))
+            buf[:rows, ..., width - length : width, :] = mine
+            buf[rows:, ..., width - other_length : width, :] = theirs
+            bufs.append(buf)
+        self._kbuf, self._vbuf = bufs
+        self._len = self._vlen = width
+        self._remember()
+
+    def _remember(self) -> None:
+        if not torch.compiler.is_compiling():  # a compiled step keeps transformers' attention (and cannot trace weakrefs)
+            for buf in (self._kbuf, self._vbuf):
+                if buf is not None:
+                    _buffers[buf.data_ptr()] = buf
+
     def _grow(self, key_states: torch.Tensor, value_states: torch.Tensor, need: int) -> tuple[torch.Tensor, torch.Tensor]:
         """New buffers for ``need`` positions and :data:`HEADROOM` more, holding the filled ones."""
         bufs = []
@@ -90,9 +132,7 @@ class GrowingLayer(DynamicLayer):
             buf[..., kept:, :].zero_()  # the rest zeros, never uninitialised memory (see whole_buffer)
             bufs.append(buf)
         self._kbuf, self._vbuf = bufs
-        if not torch.compiler.is_compiling():  # a compiled step keeps transformers' attention (and cannot trace weakrefs)
-            for buf in bufs:
-                _buffers[buf.data_ptr()] = buf
+        self._remember()
         return bufs[0], bufs[1]
 
 

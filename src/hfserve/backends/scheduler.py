@@ -707,6 +707,9 @@ class GenerationScheduler:
         la, lb = a.mask.shape[1], b.mask.shape[1]
         width = max(la, lb)
         for layer_a, layer_b in zip(a.cache.layers, b.cache.layers):
+            if isinstance(layer_a, kv_cache.GrowingLayer):
+                layer_a.merge(layer_b, la, lb)  # one copy, into buffers with spare positions
+                continue
             for attr in ("keys", "values"):
                 ta = F.pad(getattr(layer_a, attr), (0, 0, width - la, 0))
                 tb = F.pad(getattr(layer_b, attr), (0, 0, width - lb, 0))
@@ -935,23 +938,26 @@ class GenerationScheduler:
     def _select(self, cohort: _Cohort, keep: list[int]) -> None:
         """Keep only the rows ``keep`` (finished and cancelled rows are freed here)."""
         idx = torch.tensor(keep, dtype=torch.long, device=self.device)
-        cohort.cache.batch_select_indices(idx)
         cohort.rows = [cohort.rows[i] for i in keep]
         cohort.logits = cohort.logits[idx]
         if self.encoder_decoder:
+            cohort.cache.batch_select_indices(idx)
             cohort.enc_hidden = cohort.enc_hidden[idx]
             cohort.enc_mask = cohort.enc_mask[idx]
             return
         cohort.positions = cohort.positions[idx]
         mask = cohort.mask[idx]
         used = mask.sum(dim=0).nonzero()
-        first = int(used[0]) if used.numel() else 0
-        if first > 0:  # columns that only padding uses any more
-            for layer in cohort.cache.layers:
-                layer.keys = layer.keys[..., first:, :]
-                layer.values = layer.values[..., first:, :]
-            mask = mask[:, first:]
-        cohort.mask = mask
+        first = int(used[0]) if used.numel() else 0  # columns before it only padding uses any more
+        for layer in cohort.cache.layers:
+            if isinstance(layer, kv_cache.GrowingLayer):
+                layer.keep(idx, first)  # the rows and the trim in one copy
+            else:
+                layer.batch_select_indices(idx)
+                if first > 0:
+                    layer.keys = layer.keys[..., first:, :]
+                    layer.values = layer.values[..., first:, :]
+        cohort.mask = mask[:, first:]
 
     def _forward_step(self, cohort: _Cohort, feed: torch.Tensor) -> None:
         if self.encoder_decoder:
