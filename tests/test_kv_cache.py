@@ -41,7 +41,7 @@ def _decode(model, grow: bool, steps: int = 12, keep_at_once: bool = False):
                 mask, last = mask[keep], last[keep]
                 if keep_at_once:
                     for layer in cache.layers:
-                        layer.keep(keep, 1)
+                        layer.keep(keep.tolist(), 1)
                 else:
                     cache.batch_select_indices(keep)
                     for layer in cache.layers:
@@ -93,28 +93,34 @@ def _prefill(model, ids: list[int], grow: bool):
 
 @pytest.mark.parametrize("longer_first", [False, True])
 def test_merged_batches_decode_as_padded_and_concatenated_ones(llama, longer_first):
-    """Two requests prefilled apart, merged as the scheduler merges a joining request (the shorter
-    left-padded): ``GrowingLayer.merge`` decodes as transformers' layers padded and concatenated,
-    and its next step writes into the merged buffer in place."""
-    prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
+    """Three requests prefilled apart, merged one after the other as the scheduler merges joining
+    requests (the shorter left-padded): ``GrowingLayer.merge`` decodes as transformers' layers
+    padded and concatenated. The first merge copies both into new allocations with spare rows;
+    the third request (a shorter prompt) is written into a spare row, in place; decode steps
+    then write into the merged buffers in place."""
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [9, 10]]
     if longer_first:
-        prompts.reverse()
-    width = max(map(len, prompts))
+        prompts[:2] = prompts[1::-1]
     results = []
     for grow in (False, True):
-        (cache, first), (other, second) = (_prefill(llama, ids, grow) for ids in prompts)
-        la, lb = (len(ids) for ids in prompts)
-        for mine, theirs in zip(cache.layers, other.layers):
-            if grow:
-                mine.merge(theirs, la, lb)
-                whole = kv_cache.whole_buffer(mine.values)  # spare positions, zeros (what the decode attention may multiply over)
-                assert whole.shape[2] == width + kv_cache.HEADROOM and not whole[..., width:, :].any()
-            else:
-                for attr in ("keys", "values"):
-                    padded = [F.pad(getattr(layer, attr), (0, 0, width - n, 0)) for layer, n in ((mine, la), (theirs, lb))]
-                    setattr(mine, attr, torch.cat(padded))
-        mask = torch.cat([F.pad(torch.ones(1, n, dtype=torch.long), (width - n, 0)) for n in (la, lb)])
-        last, logits, pointers = torch.cat([first, second]), [], []
+        prefilled = [_prefill(llama, ids, grow) for ids in prompts]
+        cache, length, storages = prefilled[0][0], len(prompts[0]), []
+        for (other, _), ids in zip(prefilled[1:], prompts[1:]):
+            width = max(length, len(ids))
+            for mine, theirs in zip(cache.layers, other.layers):
+                if grow:
+                    mine.merge(theirs, length, len(ids))
+                    whole = kv_cache.whole_buffer(mine.values)  # spare positions, zeros (what the decode attention may multiply over)
+                    assert whole.shape[2] >= width + 1 and not whole[..., width:, :].any()
+                else:
+                    for attr in ("keys", "values"):
+                        padded = [F.pad(getattr(layer, attr), (0, 0, width - n, 0)) for layer, n in ((mine, length), (theirs, len(ids)))]
+                        setattr(mine, attr, torch.cat(padded))
+            length = width
+            storages.append(cache.layers[0].keys.untyped_storage().data_ptr())
+        assert cache.layers[0].keys.shape[:3] == (3, cache.layers[0].keys.shape[1], length)
+        mask = torch.cat([F.pad(torch.ones(1, len(ids), dtype=torch.long), (length - len(ids), 0)) for ids in prompts])
+        last, logits, pointers = torch.cat([lg for _, lg in prefilled]), [], []
         with torch.inference_mode():
             for _ in range(4):
                 mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
@@ -123,16 +129,47 @@ def test_merged_batches_decode_as_padded_and_concatenated_ones(llama, longer_fir
                 last = out.logits[:, -1]
                 logits.append(last)
                 pointers.append(cache.layers[0].keys.data_ptr())
-        results.append((torch.stack(logits), pointers))
-    (expected, _), (got, pointers) = results
+        results.append((torch.stack(logits), pointers, storages))
+    (expected, _, _), (got, pointers, storages) = results
     assert torch.allclose(got, expected, atol=1e-5, rtol=0)
+    assert storages[1] == storages[0]  # the third request went into a spare row
     assert pointers == [pointers[0]] * 4
 
 
-def test_only_plain_dynamic_layers_are_converted():
-    from transformers.cache_utils import DynamicCache, DynamicSlidingWindowLayer
-
-    cache = DynamicCache()
-    cache.layers = [DynamicSlidingWindowLayer(sliding_window=4)]
-    kv_cache.grow_in_place(cache)
-    assert type(cache.layers[0]) is DynamicSlidingWindowLayer
+@pytest.mark.parametrize("kept", [[1, 2], [0, 1], [0, 2], [1]])
+def test_rows_kept_in_place_or_copied_once(llama, kept):
+    """Rows next to each other stay where they are (the same allocation); others are copied once.
+    Either way the next decode step gives the logits of transformers' layers selected alike."""
+    prompts = [[5, 6, 7], [8, 9, 10, 11, 12], [13, 14, 15, 16]]
+    results = []
+    for grow in (False, True):
+        prefilled = [_prefill(llama, ids, grow) for ids in prompts[:1]]
+        cache, length = prefilled[0][0], len(prompts[0])
+        for ids in prompts[1:]:  # merged in (as test_merged_batches_...), so that the grown layers have allocations
+            other, _ = _prefill(llama, ids, grow)
+            width = max(length, len(ids))
+            for mine, theirs in zip(cache.layers, other.layers):
+                if grow:
+                    mine.merge(theirs, length, len(ids))
+                else:
+                    for attr in ("keys", "values"):
+                        padded = [F.pad(getattr(layer, attr), (0, 0, width - n, 0)) for layer, n in ((mine, length), (theirs, len(ids)))]
+                        setattr(mine, attr, torch.cat(padded))
+            length = width
+        storage = cache.layers[0].keys.untyped_storage().data_ptr()
+        mask = torch.cat([F.pad(torch.ones(1, len(ids), dtype=torch.long), (length - len(ids), 0)) for ids in prompts])[kept]
+        first = int((mask.sum(0) > 0).nonzero()[0])
+        for layer in cache.layers:
+            if grow:
+                layer.keep(kept, first)
+            else:
+                layer.batch_select_indices(torch.tensor(kept))
+                layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
+        mask = torch.cat([mask[:, first:], torch.ones_like(mask[:, :1])], dim=1)
+        ids = torch.tensor([[prompts[r][-1]] for r in kept])
+        with torch.inference_mode():
+            out = llama(ids, attention_mask=mask, position_ids=mask.sum(-1, keepdim=True) - 1, past_key_values=cache, use_cache=True)
+        results.append((out.logits[:, -1], storage, cache.layers[0].keys.untyped_storage().data_ptr()))
+    (expected, _, _), (got, before, after) = results
+    assert torch.allclose(got, expected, atol=1e-5, rtol=0)
+    assert (after == before) == (kept == list(range(kept[0], kept[0] + len(kept))))

@@ -951,7 +951,7 @@ class GenerationScheduler:
         first = int(used[0]) if used.numel() else 0  # columns before it only padding uses any more
         for layer in cohort.cache.layers:
             if isinstance(layer, kv_cache.GrowingLayer):
-                layer.keep(idx, first)  # the rows and the trim in one copy
+                layer.keep(keep, first)  # the rows and the trim at once: in place, or one copy
             else:
                 layer.batch_select_indices(idx)
                 if first > 0:
