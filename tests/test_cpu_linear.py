@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-from hfserve.backends import cpu_linear
+from hfserve.backends import bf16_kernel, cpu_linear
 from hfserve.backends.huggingface import HuggingFaceBackend
 from hfserve.config import BatchingConfig, LoraConfig, ModelConfig
 from hfserve.generation import SamplingParams
@@ -249,9 +249,13 @@ async def _complete(backend, prompt_ids, max_tokens):
 
 @pytest.mark.parametrize(("dtype", "float32_gain"), [("float32", math.inf), ("float32", 0.0), ("bfloat16", math.inf)])
 def test_backend_packs_and_answers_as_generate(medium, dtype, float32_gain, caplog, monkeypatch):
-    """Concurrent greedy requests on the transformers backend (packed in bfloat16) equal transformers' own
-    ``generate`` of each prompt alone on the unpacked model (the independent reference). Asked for
-    bfloat16 on a CPU that only emulates it, the backend says float32 is faster there."""
+    """Concurrent greedy requests on the transformers backend (packed) equal transformers' own
+    ``generate`` of each prompt alone on the unpacked model (the independent reference). In
+    bfloat16 on a CPU with hfserve's kernel, whose decode attention keeps the softmax and the
+    weighted values in float32 where ``generate``'s SDPA rounds them to bfloat16, each token is
+    instead the float32 model's choice or within bfloat16's rounding of it (as in
+    tests/test_decode_attention.py). Asked for bfloat16 on a CPU that only emulates it, the
+    backend says float32 is faster there."""
     monkeypatch.setattr(cpu_linear, "FLOAT32_GAIN", float32_gain)  # float32: packed never (inf) or always (0)
     backend = HuggingFaceBackend(dataclasses.replace(ModelConfig.local(medium), dtype=dtype), BatchingConfig())
 
@@ -272,6 +276,15 @@ def test_backend_packs_and_answers_as_generate(medium, dtype, float32_gain, capl
     assert ("bfloat16 on a CPU without native bfloat16" in caplog.text) == (dtype == "bfloat16" and not cpu_linear.native_bfloat16())
     packed = any(isinstance(m, cpu_linear.PackedLinear) for m in backend.model.modules())
     assert packed == (cpu_linear.supported() if dtype == "bfloat16" else float32_gain == 0.0)  # else plain weights, same answers
+    if dtype == "bfloat16" and bf16_kernel.available():
+        reference = _load(medium, torch.float32)
+        with torch.inference_mode():
+            for prompt, answer in zip(prompts, answers):
+                logits = reference(torch.tensor([prompt + answer])).logits[0, len(prompt) - 1 : -1].float()
+                logprobs = torch.log_softmax(logits, dim=-1)
+                gaps = logprobs.max(dim=-1).values - logprobs[torch.arange(len(answer)), torch.tensor(answer)]
+                assert len(answer) == 12 and gaps.max().item() <= 0.25, gaps
+        return
     reference = _load(medium, getattr(torch, dtype))
     with torch.inference_mode():
         for prompt, answer in zip(prompts, answers):
