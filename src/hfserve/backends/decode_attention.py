@@ -57,17 +57,15 @@ MIN_ROW_POSITIONS = 256
 _SDPA_ONLY = ("cache", "position_bias", "output_attentions")
 
 
-def applies(
+def _decode_step(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, kwargs: dict[str, Any]
 ) -> bool:
-    """Whether :func:`attend` computes this attention itself: one query token per row, in
-    bfloat16 or float16, on CPU, at least :data:`MIN_ROW_POSITIONS` rows times cached positions,
-    a mask (if any) per row and key position only, and nothing only SDPA handles."""
+    """What both of :func:`attend`'s own ways need: one query token per row, on CPU, keys and
+    values in the query's dtype, a mask (if any) per row and key position only, no dropout and
+    nothing only SDPA handles."""
     return (
         query.shape[2] == 1
-        and query.shape[0] * key.shape[2] >= MIN_ROW_POSITIONS
         and query.device.type == "cpu"
-        and query.dtype in _REDUCED
         and key.dtype == value.dtype == query.dtype
         and not float(kwargs.get("dropout") or 0.0)
         and not any(kwargs.get(name) is not None and kwargs.get(name) is not False for name in _SDPA_ONLY)
@@ -75,31 +73,33 @@ def applies(
     )
 
 
+def applies(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, kwargs: dict[str, Any]
+) -> bool:
+    """Whether :func:`attend` computes this attention by its batched products: a decode step
+    (:func:`_decode_step`) in bfloat16 or float16 over at least :data:`MIN_ROW_POSITIONS` rows
+    times cached positions."""
+    return (
+        _decode_step(query, key, value, mask, kwargs)
+        and query.dtype in _REDUCED
+        and query.shape[0] * key.shape[2] >= MIN_ROW_POSITIONS
+    )
+
+
 def _kernel_applies(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, kwargs: dict[str, Any]
 ) -> bool:
-    """Whether hfserve's kernel (:func:`.bf16_kernel.attention`) computes this attention: one query
-    token per row, bfloat16, on CPU, a bool mask per row (or for all rows) and key position or
-    none, nothing only SDPA handles, and the kernel built and checked on this machine."""
+    """Whether hfserve's kernel (:func:`.bf16_kernel.attention`) computes this attention: a
+    decode step (:func:`_decode_step`) in bfloat16, a bool mask for each row or one for all rows
+    (or none), the head dimension contiguous, query heads a multiple of key heads, and the kernel
+    built and checked on this machine."""
     return (
-        query.shape[2] == 1
-        and query.device.type == "cpu"
-        and query.dtype == key.dtype == value.dtype == torch.bfloat16
+        query.dtype == torch.bfloat16
+        and _decode_step(query, key, value, mask, kwargs)
+        and (mask is None or (mask.dtype == torch.bool and mask.shape[0] in (1, query.shape[0])))
         and query.stride(-1) == key.stride(-1) == value.stride(-1) == 1
         and key.shape[1] > 0
         and query.shape[1] % key.shape[1] == 0
-        and not float(kwargs.get("dropout") or 0.0)
-        and not any(kwargs.get(name) is not None and kwargs.get(name) is not False for name in _SDPA_ONLY)
-        and (
-            mask is None
-            or (
-                mask.dtype == torch.bool
-                and mask.dim() == 4
-                and mask.shape[0] in (1, query.shape[0])
-                and mask.shape[1] == mask.shape[2] == 1
-                and mask.shape[3] == key.shape[2]
-            )
-        )
         and bf16_kernel.available()
     )
 
