@@ -94,14 +94,12 @@ class GrowingLayer(DynamicLayer):
         self._len = self._vlen = need
         return kbuf[..., :need, :], vbuf[..., :need, :]
 
-    def _stored(self) -> bool:
-        """Whether the keys and values are a window of this layer's own allocations (not tensors assigned from outside)."""
-        return (
-            self.__dict__.get("_kstore") is not None
-            and self.__dict__.get("_vstore") is not None
-            and self._kbuf is not None
-            and self._len == self._vlen
-        )
+    def _stores(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The allocations the keys and values are a window of (None: tensors assigned from outside)."""
+        kstore, vstore = self.__dict__.get("_kstore"), self.__dict__.get("_vstore")
+        if kstore is None or vstore is None or self._len != self._vlen:
+            return None
+        return kstore, vstore
 
     def _window(self, kstore: torch.Tensor, vstore: torch.Tensor, row: int, rows: int, column: int, filled: int) -> None:
         """Make rows ``row`` to ``row + rows`` of the allocations, from position ``column`` on, the
@@ -114,29 +112,24 @@ class GrowingLayer(DynamicLayer):
             _buffers[self._kbuf.data_ptr()] = self._kbuf
             _buffers[self._vbuf.data_ptr()] = self._vbuf
 
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self.keep(indices.tolist(), 0)
-
-    def keep(self, rows: list[int], first: int) -> None:
-        """Keep ``rows`` (ascending indices) and the positions from ``first`` on. Rows next to each
-        other (those that remain when the oldest or the newest requests finish) stay where they are:
-        the layer's window of its allocations narrows, nothing is copied. Others are copied once,
-        spare positions included (transformers' selection, a trim and the next step's reallocation
-        copied them three times)."""
-        kstore, vstore = self.__dict__.get("_kstore"), self.__dict__.get("_vstore")
-        if not self._stored() or kstore is None or vstore is None or self._kbuf is None or self._vbuf is None:
-            index = torch.tensor(rows, dtype=torch.long, device=self.keys.device if self.keys is not None else None)
-            super().batch_select_indices(index)  # through the keys/values properties
-            if first:
-                self.keys, self.values = self.keys[..., first:, :], self.values[..., first:, :]  # type: ignore[index]
-            return
+    def keep(self, rows: list[int], first: int) -> bool:
+        """Keep ``rows`` (ascending indices) and the positions from ``first`` on; False (nothing
+        done) where the keys and values are not both filled 4-D buffers. Rows next to each other
+        (those that remain when the oldest or the newest requests finish) stay where they are: the
+        layer's window of its allocations narrows, nothing is copied. Others are copied once, spare
+        positions included (transformers' selection, a trim and the next step's reallocation copied
+        them three times)."""
+        kbuf, vbuf, stores = self._kbuf, self._vbuf, self._stores()
+        if kbuf is None or vbuf is None or kbuf.dim() != 4 or vbuf.dim() != 4 or self._len != self._vlen:
+            return False
         filled = self._len - first
-        if rows and rows == list(range(rows[0], rows[0] + len(rows))):
-            self._window(kstore, vstore, self._row + rows[0], len(rows), self._column + first, filled)
-            return
-        index = torch.tensor(rows, dtype=torch.long, device=kstore.device)
-        kstore, vstore = (buf[..., first:, :].index_select(0, index) for buf in (self._kbuf, self._vbuf))
+        if stores is not None and rows and rows == list(range(rows[0], rows[0] + len(rows))):
+            self._window(*stores, self._row + rows[0], len(rows), self._column + first, filled)
+            return True
+        index = torch.tensor(rows, dtype=torch.long, device=kbuf.device)
+        kstore, vstore = (buf[..., first:, :].index_select(0, index) for buf in (kbuf, vbuf))
         self._window(kstore, vstore, 0, len(rows), 0, filled)
+        return True
 
     def merge(self, other: Any, length: int, other_length: int) -> None:
         """These rows (``length`` positions), then ``other``'s (a layer with ``keys`` and ``values``,
@@ -146,14 +139,9 @@ class GrowingLayer(DynamicLayer):
         allocations with :data:`HEADROOM` spare positions and :data:`ROW_HEADROOM` spare rows."""
         assert self.keys is not None and self.values is not None and other.keys is not None and other.values is not None
         rows, joining = self.keys.shape[0], other.keys.shape[0]
-        kstore, vstore = self.__dict__.get("_kstore"), self.__dict__.get("_vstore")
-        if (
-            self._stored()
-            and kstore is not None
-            and vstore is not None
-            and other_length <= length
-            and self._row + rows + joining <= kstore.shape[0]
-        ):
+        stores = self._stores()
+        if stores is not None and other_length <= length and self._row + rows + joining <= stores[0].shape[0]:
+            kstore, vstore = stores
             end, column = self._row + rows, self._column
             for store, theirs in ((kstore, other.keys), (vstore, other.values)):
                 part = store[end : end + joining, :, column:, :]
@@ -162,13 +150,13 @@ class GrowingLayer(DynamicLayer):
             self._window(kstore, vstore, self._row, rows + joining, column, length)
             return
         width = max(length, other_length)
-        stores = []
+        allocated = []
         for mine, theirs in ((self.keys, other.keys), (self.values, other.values)):
             store = mine.new_zeros((rows + joining + ROW_HEADROOM, *mine.shape[1:-2], width + HEADROOM, mine.shape[-1]))
             store[:rows, ..., width - length : width, :] = mine
             store[rows : rows + joining, ..., width - other_length : width, :] = theirs
-            stores.append(store)
-        self._window(stores[0], stores[1], 0, rows + joining, 0, width)
+            allocated.append(store)
+        self._window(allocated[0], allocated[1], 0, rows + joining, 0, width)
 
     def _grow(self, key_states: torch.Tensor, value_states: torch.Tensor, need: int) -> tuple[torch.Tensor, torch.Tensor]:
         """New allocations for ``need`` positions and :data:`HEADROOM` more (and :data:`ROW_HEADROOM`
@@ -188,6 +176,18 @@ class GrowingLayer(DynamicLayer):
         self._window(stores[0], stores[1], 0, rows, 0, kept)
         assert self._kbuf is not None and self._vbuf is not None
         return self._kbuf, self._vbuf
+
+
+def keep(layer: Any, rows: list[int], first: int) -> None:
+    """Keep ``rows`` (ascending indices) of a cache layer and its positions from ``first`` on: a
+    :class:`GrowingLayer` in place or in one copy (:meth:`GrowingLayer.keep`), any other layer by
+    transformers' selection and a trim."""
+    if isinstance(layer, GrowingLayer) and layer.keep(rows, first):
+        return
+    layer.batch_select_indices(torch.tensor(rows, dtype=torch.long, device=layer.keys.device))
+    if first > 0:
+        layer.keys = layer.keys[..., first:, :]
+        layer.values = layer.values[..., first:, :]
 
 
 def whole_buffer(view: torch.Tensor) -> torch.Tensor:

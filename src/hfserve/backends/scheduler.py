@@ -950,13 +950,7 @@ class GenerationScheduler:
         used = mask.sum(dim=0).nonzero()
         first = int(used[0]) if used.numel() else 0  # columns before it only padding uses any more
         for layer in cohort.cache.layers:
-            if isinstance(layer, kv_cache.GrowingLayer):
-                layer.keep(keep, first)  # the rows and the trim at once: in place, or one copy
-            else:
-                layer.batch_select_indices(idx)
-                if first > 0:
-                    layer.keys = layer.keys[..., first:, :]
-                    layer.values = layer.values[..., first:, :]
+            kv_cache.keep(layer, keep, first)  # the rows and the trim at once: in place, or one copy
         cohort.mask = mask[:, first:]
 
     def _forward_step(self, cohort: _Cohort, feed: torch.Tensor) -> None:
