@@ -29,6 +29,9 @@ namespace {
 
 constexpr int64_t kBlock = 16;  // outputs per block: one vector of float32 sums
 
+// the first ``n`` of 16 lanes (all 16 for n >= 16)
+inline __mmask16 first_lanes(int64_t n) { return static_cast<__mmask16>((1u << std::min<int64_t>(16, n)) - 1u); }
+
 template <int MT, int NT>
 inline void tile(const uint16_t* x, int64_t ldx, const uint16_t* w, int64_t pairs, int64_t block_stride, float* sums) {
   __m512 acc[MT][NT];
@@ -102,8 +105,7 @@ at::Tensor linear(const at::Tensor& input, const at::Tensor& weight, const std::
           for (int t = 0; t < nt; t++) {
             const int64_t n0 = (block0 + t) * kBlock;
             __m512 s = _mm512_loadu_ps(sums + (m * nt + t) * kBlock);
-            const int64_t valid = std::min<int64_t>(kBlock, N - n0);
-            const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1u);
+            const __mmask16 mask = first_lanes(N - n0);
             if (B != nullptr) s = _mm512_add_ps(s, _mm512_maskz_loadu_ps(mask, B + n0));
             const __m256i r = (__m256i)_mm512_cvtneps_pbh(s);
             _mm256_mask_storeu_epi16(O + (m0 + m) * N + n0, mask, r);
@@ -130,7 +132,7 @@ inline float dot_bf16(const uint16_t* a, const uint16_t* b, int64_t dim) {
     acc = _mm512_dpbf16_ps(acc, av, bv);
   }
   for (; d < dim; d += 16) {
-    const __mmask16 mask = static_cast<__mmask16>((1u << std::min<int64_t>(16, dim - d)) - 1u);
+    const __mmask16 mask = first_lanes(dim - d);
     acc = _mm512_fmadd_ps(load_bf16(a + d, mask), load_bf16(b + d, mask), acc);
   }
   return _mm512_reduce_add_ps(acc);
@@ -159,7 +161,7 @@ inline float exp_minus(float* scores, int64_t length, float top) {
   const __m512 t = _mm512_set1_ps(top);
   __m512 sum = _mm512_setzero_ps();
   for (int64_t j = 0; j < length; j += 16) {
-    const __mmask16 lanes = static_cast<__mmask16>((1u << std::min<int64_t>(16, length - j)) - 1u);
+    const __mmask16 lanes = first_lanes(length - j);
     const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, scores + j), t));
     _mm512_mask_storeu_ps(scores + j, lanes, e);
     sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(lanes, e));
@@ -227,14 +229,14 @@ at::Tensor decode_attention(const at::Tensor& query, const at::Tensor& key, cons
         const __m512 p = _mm512_set1_ps(scores[j]);
         const uint16_t* vj = v + j * vs2;
         for (int64_t c = 0; c < chunks; c++) {
-          const __mmask16 lanes = static_cast<__mmask16>((1u << std::min<int64_t>(16, dim - 16 * c)) - 1u);
+          const __mmask16 lanes = first_lanes(dim - 16 * c);
           acc[c] = _mm512_fmadd_ps(p, load_bf16(vj + 16 * c, lanes), acc[c]);
         }
       }
       const __m512 inv = _mm512_set1_ps(total > 0.f ? 1.f / total : 0.f);
       uint16_t* o = O + (r * heads + h) * dim;
       for (int64_t c = 0; c < chunks; c++) {
-        const __mmask16 lanes = static_cast<__mmask16>((1u << std::min<int64_t>(16, dim - 16 * c)) - 1u);
+        const __mmask16 lanes = first_lanes(dim - 16 * c);
         _mm256_mask_storeu_epi16(o + 16 * c, lanes, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[c], inv)));
       }
     }
