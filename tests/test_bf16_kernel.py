@@ -33,12 +33,13 @@ def test_the_kernel_builds_here_and_checks_itself():
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 64])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 16, 17, 32, 33, 48, 64])
 @pytest.mark.parametrize(("out_features", "in_features"), [(768, 768), (48, 512), (40, 33), (2050, 767), (17, 2)])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_products_equal_float32_linear(rows, out_features, in_features, with_bias):
-    """Every tile shape (rows 1-4 by 4 blocks, 5-8 by 2, their remainders), outputs not a multiple
-    of 16, an odd number of inputs, with and without a bias: within bfloat16's rounding of the
+    """Every tile shape (rows 1-4 by 4 blocks, 5-8 by 2, their remainders; on a CPU with AMX, tiles
+    of up to 16 rows by 4 blocks and 32 rows by 2, and their remainders), outputs not a multiple of
+    16, an odd number of inputs, inputs not a multiple of 32 (no AMX), with and without a bias: within bfloat16's rounding of the
     output of the float32 product, and no output left unwritten."""
     generator = torch.Generator().manual_seed(rows * 1000 + out_features + in_features)
     x = torch.randn(rows, in_features, generator=generator).to(torch.bfloat16)
@@ -49,6 +50,14 @@ def test_products_equal_float32_linear(rows, out_features, in_features, with_bia
     assert got.dtype == torch.bfloat16 and got.shape == (rows, out_features)
     # the sums are float32 (the order differs from the reference's), then rounded once to bfloat16
     torch.testing.assert_close(got.float(), expected, atol=1e-3 * in_features**0.5, rtol=2**-8)
+
+
+@needs_kernel
+def test_amx_tiles_wherever_the_cpu_and_linux_have_them():
+    """The products above ran on AMX tiles exactly where PyTorch finds AMX usable (the CPU has it
+    and Linux granted its state: oneDNN's own check), by ``vdpbf16ps`` elsewhere."""
+    assert bf16_kernel.available()
+    assert bf16_kernel.amx() == bool(torch.cpu._is_amx_tile_supported() and torch._C._cpu._init_amx())
 
 
 @needs_kernel

@@ -11,6 +11,12 @@ the weight once as ``[N/16][K/2][16][2]`` (one 64-byte vector of 16 outputs by 2
 row's float32 sums in registers: 20.7 GB/s on one thread, 24-31 on two, at 1 to 8 rows; at 64 rows
 (a prefill) it is as fast as oneDNN (both bound by the ``vdpbf16ps`` throughput).
 
+On a CPU with AMX (Intel Xeon, Sapphire Rapids and later) the same blocked weight is what an AMX
+tile of weights holds (16 pairs of inputs by 16 outputs, 64 contiguous bytes a row), so from two rows
+on the kernel sums tiles of rows by ``tdpbf16ps`` instead: there oneDNN's product runs on AMX too, and
+``vdpbf16ps`` alone was 0.57-0.67x oneDNN at 8 rows (a 2-core Xeon, the ~110M Llama's shapes); with
+the tiles 1.2-1.6x at 8 and 16 rows and 1.2-1.9x at one row (docs/benchmarks.md, eleventh sitting).
+
 The same extension computes a decode step's attention (one query token per row):
 ``torch.ops.hfserve_bf16.decode_attention(query, keys, values, mask, scale)`` takes each row and
 query head in turn, its scores against the row's cached keys read in place from the KV cache's
@@ -43,7 +49,8 @@ SOURCE = pathlib.Path(__file__).with_name("bf16_kernel.cpp")
 #: the extension's name (its build directory under TORCH_EXTENSIONS_DIR)
 NAME = "hfserve_bf16_kernel"
 BLOCK = 16
-FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp"]
+#: AVX-512 BF16 everywhere; the AMX instructions only run where the CPU and Linux allow them (checked in C++)
+FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mamx-tile", "-mamx-bf16", "-fopenmp"]
 
 
 def cpu_has_avx512_bf16() -> bool:
@@ -61,6 +68,13 @@ def pack(weight: torch.Tensor) -> torch.Tensor:
 def linear(input: torch.Tensor, blocked: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
     """``input @ weight.T + bias`` by the kernel (:func:`available` must have said yes)."""
     return torch.ops.hfserve_bf16.linear(input, blocked, bias, out_features)
+
+
+def amx() -> bool:
+    """Whether the kernel's products of several rows run on AMX tiles here (:func:`available` must
+    have said yes): a CPU with AMX (Intel Sapphire Rapids and later) and a Linux that grants the
+    tile state; else every product is ``vdpbf16ps``'s."""
+    return bool(torch.ops.hfserve_bf16.amx())
 
 
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
@@ -92,7 +106,9 @@ def build() -> None:
 
 def _computes_right() -> bool:
     generator = torch.Generator().manual_seed(0)
-    for rows, out_features, in_features in ((1, 40, 33), (7, 48, 64), (9, 33, 32)):
+    # one row; AMX's tiles where the CPU has them: 7 and 9 rows, 20 rows (two tiles of rows) by 5
+    # blocks of outputs (a group of 4 and one); 33 inputs (odd: no AMX)
+    for rows, out_features, in_features in ((1, 40, 33), (7, 48, 64), (9, 33, 32), (20, 80, 96), (3, 40, 33)):
         x = torch.randn(rows, in_features, generator=generator).to(torch.bfloat16)
         weight = torch.randn(out_features, in_features, generator=generator).to(torch.bfloat16)
         bias = torch.randn(out_features, generator=generator).to(torch.bfloat16)
