@@ -102,13 +102,25 @@ void amx_configure(const int (&c_rows)[4], const int (&a_rows)[2]) {
   _tile_loadconfig(&cfg);
 }
 
-// sums [4][mt][16]: rows x[0:mt] (A tile 4) against blocks w[0:nt] (nt <= 4; C tiles 0-3), k32
-// steps of 32 inputs
-inline void amx_rows_by_4(const uint16_t* x, int64_t ldx, const uint16_t* w, int nt, int64_t k32, int64_t block_stride, float* sums) {
+// C tiles 0-3 (float32 sums of 16 outputs a row) to zero, and out to sums [4][rows][16]
+inline void amx_zero_sums() {
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
   _tile_zero(3);
+}
+
+inline void amx_store_sums(float* sums) {
+  _tile_stored(0, sums, 64);
+  _tile_stored(1, sums + 16 * kBlock, 64);
+  _tile_stored(2, sums + 2 * 16 * kBlock, 64);
+  _tile_stored(3, sums + 3 * 16 * kBlock, 64);
+}
+
+// sums [4][mt][16]: rows x[0:mt] (A tile 4) against blocks w[0:nt] (nt <= 4; C tiles 0-3), k32
+// steps of 32 inputs
+inline void amx_rows_by_4(const uint16_t* x, int64_t ldx, const uint16_t* w, int nt, int64_t k32, int64_t block_stride, float* sums) {
+  amx_zero_sums();
   for (int64_t k = 0; k < k32; k++) {
     const uint16_t* wk = w + k * 16 * 2 * kBlock;
     _tile_loadd(4, x + k * 32, ldx * 2);
@@ -127,24 +139,13 @@ inline void amx_rows_by_4(const uint16_t* x, int64_t ldx, const uint16_t* w, int
       _tile_dpbf16ps(3, 4, 7);
     }
   }
-  for (int t = 0; t < 4; t++) {
-    float* to = sums + t * 16 * kBlock;
-    switch (t) {
-      case 0: _tile_stored(0, to, 64); break;
-      case 1: _tile_stored(1, to, 64); break;
-      case 2: _tile_stored(2, to, 64); break;
-      default: _tile_stored(3, to, 64); break;
-    }
-  }
+  amx_store_sums(sums);
 }
 
 // sums [4][16][16]: rows x[0:16] and x[16:32] (A tiles 4, 5; the second may have fewer rows) against
 // blocks w[0:nt] (nt <= 2; C tiles 0-1 and 2-3): each B tile loaded once for two tiles of rows
 inline void amx_32_rows_by_2(const uint16_t* x, int64_t ldx, const uint16_t* w, int nt, int64_t k32, int64_t block_stride, float* sums) {
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
+  amx_zero_sums();
   for (int64_t k = 0; k < k32; k++) {
     const uint16_t* wk = w + k * 16 * 2 * kBlock;
     _tile_loadd(4, x + k * 32, ldx * 2);
@@ -158,10 +159,7 @@ inline void amx_32_rows_by_2(const uint16_t* x, int64_t ldx, const uint16_t* w, 
       _tile_dpbf16ps(3, 5, 7);
     }
   }
-  _tile_stored(0, sums, 64);
-  _tile_stored(1, sums + 16 * kBlock, 64);
-  _tile_stored(2, sums + 2 * 16 * kBlock, 64);
-  _tile_stored(3, sums + 3 * 16 * kBlock, 64);
+  amx_store_sums(sums);
 }
 
 // output row m, block n0.., from float32 sums: bias added, rounded to bfloat16, the tail masked
