@@ -93,12 +93,15 @@ struct alignas(64) TileConfig {
 };
 
 // tiles 0-3 (C, float32 sums) and 4-5 (A, inputs) hold ``c_rows`` and ``a_rows`` rows; 6-7 (B) 16 pairs of inputs
-void amx_configure(const int (&c_rows)[4], const int (&a_rows)[2]) {
+__attribute__((noinline)) void amx_configure(const int (&c_rows)[4], const int (&a_rows)[2]) {
   TileConfig cfg;
   for (int t = 0; t < 8; t++) {
     cfg.colsb[t] = 64;
     cfg.rows[t] = static_cast<uint8_t>(t < 4 ? c_rows[t] : t < 6 ? a_rows[t - 4] : 16);
   }
+  // the configuration's stores must reach memory before ldtilecfg reads it (GCC does not see the
+  // read: without this it dropped them, and a palette of 0 leaves the tiles unconfigured: SIGILL)
+  asm volatile("" : : "r"(&cfg) : "memory");
   _tile_loadconfig(&cfg);
 }
 
@@ -173,13 +176,27 @@ inline void store_row(const __m512 sums, const float* B, uint16_t* out, int64_t 
 void amx_linear(const uint16_t* X, int64_t M, int64_t ldx, const uint16_t* W, int64_t blocks, int64_t block_stride,
                 const float* B, uint16_t* O, int64_t N) {
   // more than 16 rows: 32 at a time by 2 blocks (each weight tile read once for both), the last
-  // 16 or fewer by 4 blocks
-  const int64_t k32 = ldx / 32;
+  // 16 or fewer by 4 blocks; whole 32s of rows block by block (a block's weights, K x 16, stay in
+  // the core's caches for every row)
+  const int64_t k32 = ldx / 32, whole = M / 32 * 32;
   at::parallel_for(0, (blocks + 1) / 2, 1, [&](int64_t first, int64_t last) {
     alignas(64) float sums[4 * 16 * kBlock];
     const int64_t first_block = first * 2, last_block = std::min<int64_t>(blocks, last * 2);
     int configured = 0;  // the rows of the configuration loaded (rows, or 100 + second tile's rows)
-    int64_t m0 = 0;
+    if (whole > 0) {
+      amx_configure({16, 16, 16, 16}, {16, 16});
+      configured = 116;
+      for (int64_t block0 = first_block; block0 < last_block; block0 += 2) {
+        const int nt = static_cast<int>(std::min<int64_t>(2, last_block - block0));
+        for (int64_t m0 = 0; m0 < whole; m0 += 32) {
+          amx_32_rows_by_2(X + m0 * ldx, ldx, W + block0 * block_stride, nt, k32, block_stride, sums);
+          for (int row = 0; row < 32; row++)
+            for (int t = 0; t < nt; t++)
+              store_row(_mm512_load_ps(sums + (((row / 16) * 2 + t) * 16 + row % 16) * kBlock), B, O + (m0 + row) * N, (block0 + t) * kBlock, N);
+        }
+      }
+    }
+    int64_t m0 = whole;
     for (; M - m0 > 16; m0 += 32) {
       const int second = static_cast<int>(std::min<int64_t>(16, M - m0 - 16));
       if (configured != 100 + second) {
