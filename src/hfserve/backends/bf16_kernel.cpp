@@ -92,12 +92,13 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-// tiles 0-3 (C, float32 sums) and 4-5 (A, inputs) hold ``c_rows`` and ``a_rows`` rows; 6-7 (B) 16 pairs of inputs
-__attribute__((noinline)) void amx_configure(const int (&c_rows)[4], const int (&a_rows)[2]) {
+// the tile configuration of a product of ``top`` rows (C tiles 0-1, A tile 4) and ``bottom`` rows
+// (C tiles 2-3, A tile 5; for 16 rows or fewer, the same rows again), B tiles 6-7 16 pairs of inputs
+__attribute__((noinline)) void amx_configure(int top, int bottom) {
   TileConfig cfg;
   for (int t = 0; t < 8; t++) {
     cfg.colsb[t] = 64;
-    cfg.rows[t] = static_cast<uint8_t>(t < 4 ? c_rows[t] : t < 6 ? a_rows[t - 4] : 16);
+    cfg.rows[t] = static_cast<uint8_t>(t == 0 || t == 1 || t == 4 ? top : t < 6 ? bottom : 16);
   }
   // the configuration's stores must reach memory before ldtilecfg reads it (GCC does not see the
   // read: without this it dropped them, and a palette of 0 leaves the tiles unconfigured: SIGILL)
@@ -182,42 +183,35 @@ void amx_linear(const uint16_t* X, int64_t M, int64_t ldx, const uint16_t* W, in
   at::parallel_for(0, (blocks + 1) / 2, 1, [&](int64_t first, int64_t last) {
     alignas(64) float sums[4 * 16 * kBlock];
     const int64_t first_block = first * 2, last_block = std::min<int64_t>(blocks, last * 2);
-    int configured = 0;  // the rows of the configuration loaded (rows, or 100 + second tile's rows)
+    int top = 0, bottom = 0;  // the configuration loaded (none yet)
+    const auto configure = [&](int t, int b) {
+      if (t != top || b != bottom) amx_configure(t, b);
+      top = t, bottom = b;
+    };
+    // rows m0 to m0 + 16 + second against blocks block0 to block0 + nt (nt <= 2)
+    const auto pair = [&](int64_t m0, int second, int64_t block0, int nt) {
+      amx_32_rows_by_2(X + m0 * ldx, ldx, W + block0 * block_stride, nt, k32, block_stride, sums);
+      for (int half = 0; half < 2; half++)
+        for (int t = 0; t < nt; t++)
+          for (int m = 0; m < (half == 0 ? 16 : second); m++)
+            store_row(_mm512_load_ps(sums + ((half * 2 + t) * 16 + m) * kBlock), B, O + (m0 + half * 16 + m) * N, (block0 + t) * kBlock, N);
+    };
     if (whole > 0) {
-      amx_configure({16, 16, 16, 16}, {16, 16});
-      configured = 116;
-      for (int64_t block0 = first_block; block0 < last_block; block0 += 2) {
-        const int nt = static_cast<int>(std::min<int64_t>(2, last_block - block0));
-        for (int64_t m0 = 0; m0 < whole; m0 += 32) {
-          amx_32_rows_by_2(X + m0 * ldx, ldx, W + block0 * block_stride, nt, k32, block_stride, sums);
-          for (int row = 0; row < 32; row++)
-            for (int t = 0; t < nt; t++)
-              store_row(_mm512_load_ps(sums + (((row / 16) * 2 + t) * 16 + row % 16) * kBlock), B, O + (m0 + row) * N, (block0 + t) * kBlock, N);
-        }
-      }
+      configure(16, 16);
+      for (int64_t block0 = first_block; block0 < last_block; block0 += 2)
+        for (int64_t m0 = 0; m0 < whole; m0 += 32) pair(m0, 16, block0, static_cast<int>(std::min<int64_t>(2, last_block - block0)));
     }
     int64_t m0 = whole;
-    for (; M - m0 > 16; m0 += 32) {
-      const int second = static_cast<int>(std::min<int64_t>(16, M - m0 - 16));
-      if (configured != 100 + second) {
-        amx_configure({16, 16, second, second}, {16, second});
-        configured = 100 + second;
-      }
-      for (int64_t block0 = first_block; block0 < last_block; block0 += 2) {
-        const int nt = static_cast<int>(std::min<int64_t>(2, last_block - block0));
-        amx_32_rows_by_2(X + m0 * ldx, ldx, W + block0 * block_stride, nt, k32, block_stride, sums);
-        for (int half = 0; half < 2; half++)
-          for (int t = 0; t < nt; t++)
-            for (int m = 0; m < (half == 0 ? 16 : second); m++)
-              store_row(_mm512_load_ps(sums + ((half * 2 + t) * 16 + m) * kBlock), B, O + (m0 + half * 16 + m) * N, (block0 + t) * kBlock, N);
-      }
+    if (M - m0 > 16) {  // 17 to 31 rows left
+      const int second = static_cast<int>(M - m0 - 16);
+      configure(16, second);
+      for (int64_t block0 = first_block; block0 < last_block; block0 += 2)
+        pair(m0, second, block0, static_cast<int>(std::min<int64_t>(2, last_block - block0)));
+      m0 = M;
     }
-    for (; m0 < M; m0 += 16) {
-      const int mt = static_cast<int>(std::min<int64_t>(16, M - m0));
-      if (configured != mt) {
-        amx_configure({mt, mt, mt, mt}, {mt, mt});
-        configured = mt;
-      }
+    if (m0 < M) {  // 16 rows or fewer left
+      const int mt = static_cast<int>(M - m0);
+      configure(mt, mt);
       for (int64_t block0 = first_block; block0 < last_block; block0 += 4) {
         const int nt = static_cast<int>(std::min<int64_t>(4, last_block - block0));
         amx_rows_by_4(X + m0 * ldx, ldx, W + block0 * block_stride, nt, k32, block_stride, sums);
@@ -226,11 +220,9 @@ void amx_linear(const uint16_t* X, int64_t M, int64_t ldx, const uint16_t* W, in
             store_row(_mm512_load_ps(sums + (t * 16 + m) * kBlock), B, O + (m0 + m) * N, (block0 + t) * kBlock, N);
       }
     }
-    if (configured != 0) _tile_release();
+    if (top != 0) _tile_release();
   });
 }
-
-bool amx() { return amx_ready(); }
 
 at::Tensor linear(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias, int64_t out_features) {
   TORCH_CHECK(input.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16, "hfserve_bf16::linear takes bfloat16");
@@ -428,4 +420,4 @@ TORCH_LIBRARY_IMPL(hfserve_bf16, CPU, m) {
   m.impl("decode_attention", &decode_attention);
 }
 
-TORCH_LIBRARY_IMPL(hfserve_bf16, CatchAll, m) { m.impl("amx", &amx); }
+TORCH_LIBRARY_IMPL(hfserve_bf16, CatchAll, m) { m.impl("amx", &amx_ready); }
