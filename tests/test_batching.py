@@ -13,6 +13,7 @@ import concurrent.futures
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -94,6 +95,34 @@ def test_concurrent_embeddings_are_merged_and_equal_sequential(minilm_backend):
     assert forwards < len(ids) / 4, f"{len(ids)} concurrent requests took {forwards} forward passes"
     assert b.batcher.stats.largest > 1
     assert np.allclose(np.array(merged), np.array(sequential), atol=1e-5)
+
+
+def test_every_encoder_batch_runs_on_one_thread(minilm_backend, monkeypatch):
+    """Consecutive batches, one after another and several at once, all run on the same thread:
+    a second thread that ran one would keep a second OpenMP team alive (cpu_threads), and on a
+    pool of threads the next batch often lands on another one while the last is still
+    returning (the loop hears of the result before the worker is idle again)."""
+    b = minilm_backend
+    ids = [b.tokenizer(s)["input_ids"] for s in SENTENCES]
+    where: list[int] = []
+    run_batch = b.encoders.run
+
+    def recording(*args):
+        where.append(threading.get_ident())
+        return run_batch(*args)
+
+    monkeypatch.setattr(b.encoders, "run", recording)
+
+    async def batches():
+        for _ in range(20):
+            await b.embed(ids[:2])
+        for _ in range(5):
+            await asyncio.gather(*(b.embed([x]) for x in ids))
+
+    run(batches())
+    assert len(where) >= 25
+    assert len(set(where)) == 1, f"{len(where)} encoder batches ran on {len(set(where))} threads"
+    assert where[0] != threading.get_ident()  # not on the event loop's
 
 
 def test_batch_never_exceeds_max_batch_size(models):

@@ -42,7 +42,7 @@ def test_cli_resolves_every_section(models):
     assert config.limits == LimitsConfig(
         max_concurrent_requests=3, max_queue_size=7, request_timeout_seconds=2.5, api_key="k"
     )
-    assert config.batching == BatchingConfig(max_threads=2, max_batch_size=8, max_batch_wait_ms=3, batch_idle_ms=1)
+    assert config.batching == BatchingConfig(max_batch_size=8, max_batch_wait_ms=3, batch_idle_ms=1)
     assert config.engine.backend == "huggingface"
     # vLLM's engine arguments travel under vLLM's own names
     assert config.engine.engine_args["max_num_seqs"] == 5

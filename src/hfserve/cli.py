@@ -386,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--predictor_request_timeout_seconds", type=float, default=600)
     t.add_argument("--predictor_request_retries", type=int, default=0)
     t.add_argument("--tensor_input_names", default=None)
-    s.add_argument("--max_threads", type=int, default=4, help="threads running model work")
+    s.add_argument("--max_threads", type=int, default=4, help="accepted for compatibility (the transformers backend runs its model work on one thread)")
     s.add_argument("--max_batch_size", type=int, default=32, help="most inputs (generation: sequences) sharing one forward pass (transformers backend)")
     s.add_argument("--max_batch_wait_ms", type=float, default=DEFAULT_MAX_WAIT_MS, help="longest a batch waits for more requests after its first (transformers backend)")
     s.add_argument("--batch_idle_ms", type=float, default=DEFAULT_IDLE_MS, help="a forming batch closes once no request has joined it for this long (transformers backend)")
@@ -616,7 +616,6 @@ def _config(args: argparse.Namespace, source: str, local_dir: Path | None, task:
             api_key=args.api_key,
         ),
         batching=BatchingConfig(
-            max_threads=max(1, args.max_threads),
             max_batch_size=args.max_batch_size,
             max_batch_wait_ms=args.max_batch_wait_ms,
             batch_idle_ms=args.batch_idle_ms,

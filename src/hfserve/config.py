@@ -182,9 +182,8 @@ class LimitsConfig:
 
 @dataclass(frozen=True)
 class BatchingConfig:
-    """The transformers backend's model threads and batch windows."""
+    """The transformers backend's batch windows."""
 
-    max_threads: int = 4
     max_batch_size: int = 32
     max_batch_wait_ms: float = DEFAULT_MAX_WAIT_MS
     batch_idle_ms: float = DEFAULT_IDLE_MS

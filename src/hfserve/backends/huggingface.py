@@ -146,7 +146,6 @@ class HuggingFaceBackend(Backend):
         self.requested_max_len = model.max_model_len
         self.trust_remote_code = model.trust_remote_code
         self.device_name = device
-        max_workers = max(1, batching.max_threads)
         max_batch_size = batching.max_batch_size
         max_batch_wait_ms, batch_idle_ms = batching.max_batch_wait_ms, batching.batch_idle_ms
         self.tokenizer_path: str = str(engine_args.get("tokenizer") or self.model_path)
@@ -156,7 +155,10 @@ class HuggingFaceBackend(Backend):
             max_logprobs=max(self.max_logprobs, 0), max_n=16, penalties=True, prompt_logprobs=True, min_tokens=True,
             structured_outputs=True,
         )
-        self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="hf-model")
+        # encoder batches, one at a time and always on this one thread: a second thread that ran
+        # one would keep an OpenMP team of its own alive beside it, and every kernel of the next
+        # forward pass would wait for a sleeping worker (see cpu_threads)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-model")
         self.model: Any = None
         self.config: Any = None
         self.device: torch.device | None = None
