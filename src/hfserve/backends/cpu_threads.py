@@ -21,8 +21,10 @@ while the thread that had loaded the model was alive (8 rows: 13.4 against 21.3)
 done before or beside the decode loop (loading the model, loading a LoRA adapter) runs on a
 thread that ends with it (:func:`run_in_passing_thread`), and the decode thread's team is the
 only one alive while it decodes. Encoder batches (embeddings, classification, fill-mask) all run
-on one thread for the same reason: on a pool of four, consecutive batches landed on two threads,
-and all-MiniLM-L6-v2 embedded batches of 32 at a median 659/s against 870/s on one (2-core Xeon).
+on one thread for the same reason: on a pool of four, batches submitted back to back (the backend
+called in process) landed on two threads, and all-MiniLM-L6-v2 embedded batches of 32 at a median
+659/s against 870/s on one (2-core Xeon). Through the server the pool had kept to one thread (the
+event loop's work between batches gave the worker time to be idle again): no change measured there.
 """
 
 from __future__ import annotations
