@@ -245,6 +245,24 @@ async def test_wrong_content_type(fake, path):
     assert_error(resp, "unsupported_media_type", param=None)
 
 
+@pytest.mark.parametrize("path,body", one_request_per_family("hi"))
+async def test_curls_default_content_type_is_read_as_json(fake, path, body):
+    """``curl -d @input.json URL`` (no -H) sends application/x-www-form-urlencoded, as KServe's
+    documentation calls its servers: the JSON body is served as with application/json, on every
+    family; a body that is not JSON is still ``invalid_request``."""
+    srv = await fake()
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    as_form = await srv.client.post(path, content=json.dumps(body).encode(), headers=form)
+    as_json = await srv.client.post(path, content=json.dumps(body).encode(), headers=JSON)
+    assert as_form.status_code == as_json.status_code == 200, as_form.text
+    if not body.get("stream") and not path.endswith("generate_stream"):
+        answer, expected = as_form.json(), as_json.json()
+        for volatile in ("id", "created", "model_version"):  # per response, not per request
+            answer.pop(volatile, None), expected.pop(volatile, None)
+        assert answer == expected
+    assert_error(await srv.client.post(path, content=b"instances=hi", headers=form), "invalid_request")
+
+
 # request_too_large
 @pytest.mark.parametrize("path", ["/openai/v1/completions", "/v1/models/fake:predict", "/v2/models/fake/infer", "/anything"])
 async def test_request_too_large(fake, path):
