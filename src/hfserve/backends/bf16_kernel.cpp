@@ -188,13 +188,16 @@ void amx_linear(const uint16_t* X, int64_t M, int64_t ldx, const uint16_t* W, in
       if (t != top || b != bottom) amx_configure(t, b);
       top = t, bottom = b;
     };
+    // C tile ``tile`` of sums (its first ``rows`` rows) out as rows row0.. of block ``block``
+    const auto store_tile = [&](int tile, int rows, int64_t row0, int64_t block) {
+      for (int m = 0; m < rows; m++)
+        store_row(_mm512_load_ps(sums + (tile * 16 + m) * kBlock), B, O + (row0 + m) * N, block * kBlock, N);
+    };
     // rows m0 to m0 + 16 + second against blocks block0 to block0 + nt (nt <= 2)
     const auto pair = [&](int64_t m0, int second, int64_t block0, int nt) {
       amx_32_rows_by_2(X + m0 * ldx, ldx, W + block0 * block_stride, nt, k32, block_stride, sums);
       for (int half = 0; half < 2; half++)
-        for (int t = 0; t < nt; t++)
-          for (int m = 0; m < (half == 0 ? 16 : second); m++)
-            store_row(_mm512_load_ps(sums + ((half * 2 + t) * 16 + m) * kBlock), B, O + (m0 + half * 16 + m) * N, (block0 + t) * kBlock, N);
+        for (int t = 0; t < nt; t++) store_tile(half * 2 + t, half == 0 ? 16 : second, m0 + half * 16, block0 + t);
     };
     if (whole > 0) {
       configure(16, 16);
@@ -215,9 +218,7 @@ void amx_linear(const uint16_t* X, int64_t M, int64_t ldx, const uint16_t* W, in
       for (int64_t block0 = first_block; block0 < last_block; block0 += 4) {
         const int nt = static_cast<int>(std::min<int64_t>(4, last_block - block0));
         amx_rows_by_4(X + m0 * ldx, ldx, W + block0 * block_stride, nt, k32, block_stride, sums);
-        for (int t = 0; t < nt; t++)
-          for (int m = 0; m < mt; m++)
-            store_row(_mm512_load_ps(sums + (t * 16 + m) * kBlock), B, O + (m0 + m) * N, (block0 + t) * kBlock, N);
+        for (int t = 0; t < nt; t++) store_tile(t, mt, m0, block0 + t);
       }
     }
     if (top != 0) _tile_release();
